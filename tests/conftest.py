@@ -1,0 +1,53 @@
+"""Shared fixtures. Tests use the real datasets (fetched once into $AMALGAM_HOME by `make test`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    from amalgam.data.fetch import fetch_all
+    from amalgam.paths import default_data_root
+
+    root = default_data_root()
+    fetch_all(root, log=lambda _msg: None)  # idempotent: verifies hashes, fetches only if absent
+    return root
+
+
+def make_tiny_zoo(out: Path, specs: list[tuple[str, list[str], list[int]]]) -> Path:
+    """A zoo of untrained teachers (random weights) for manifest and shape tests."""
+    from amalgam.zoo.arch import CNNConfig, TappedCNN
+    from amalgam.zoo.manifest import InputSpec, TapSpec, TeacherEntry, ZooManifest, save_weights, write_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (name, classes, convs) in enumerate(specs):
+        torch.manual_seed(i)
+        cfg = CNNConfig(conv_widths=convs, fc_widths=[32], num_classes=len(classes))
+        net = TappedCNN(cfg)
+        digest = save_weights(net, out / f"{name}.safetensors")
+        entries.append(
+            TeacherEntry(
+                name=name, arch="tapped_cnn", arch_args=cfg.model_dump(), weights=f"{name}.safetensors",
+                sha256=digest, classes=classes, input=InputSpec(shape=[1, 28, 28], mean=[0.5], std=[0.25]),
+                taps=[TapSpec(**t.as_dict()) for t in net.feature_info()],
+            )
+        )
+    write_manifest(ZooManifest(name="tiny", teachers=entries), out / "zoo.yaml")
+    return out / "zoo.yaml"
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path: Path) -> Path:
+    return make_tiny_zoo(
+        tmp_path / "zoo",
+        [("a", ["mnist/0", "mnist/1", "mnist/2"], [4, 8]), ("b", ["mnist/3", "mnist/4"], [6, 8])],
+    )
