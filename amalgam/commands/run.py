@@ -1,0 +1,59 @@
+"""``amalgam validate JOB`` and ``amalgam run JOB``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from amalgam.errors import AmalgamError
+from amalgam.paths import amalgam_home
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from amalgam.job import load_job
+    from amalgam.engine.student import common_topology
+    from amalgam.data.datasets import load_split
+    from amalgam.zoo.manifest import load_zoo
+
+    job = load_job(args.job)
+    manifest, teachers = load_zoo(job.zoo_path())  # hashes, taps, shapes
+    common_topology([t.name for t in teachers], [t.net.config for t in teachers])
+    for spec in (job.pool, job.evaluation.test):
+        for src in spec.sources:
+            load_split(src.dataset, src.split)
+    space = manifest.class_space()
+    print(f"{args.job}: ok (job {job.name}; zoo {manifest.name}: {len(teachers)} teachers, {len(space)} classes; "
+          f"amalgamation {job.amalgamation.mode}/{job.amalgamation.strategy})")
+
+
+def default_run_dir(name: str) -> Path:
+    return amalgam_home() / "runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _run(args: argparse.Namespace) -> None:
+    import torch
+
+    from amalgam.job import load_job
+
+    job = load_job(args.job)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else default_run_dir(job.name)
+    if not args.local:
+        raise AmalgamError("the distributed (Ray) pipeline is not available yet; run with --local")
+    from amalgam.engine.run_local import run_local
+
+    run_local(job, out)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("validate", help="check a job file and the files it names, without running anything")
+    v.add_argument("job")
+    v.set_defaults(func=_validate)
+    r = sub.add_parser("run", help="run an amalgamation job")
+    r.add_argument("job")
+    r.add_argument("--local", action="store_true", help="one process, teachers in-process, no Ray, no store")
+    r.add_argument("--out", help="run directory (default $AMALGAM_HOME/runs/NAME-TIME)")
+    r.add_argument("--threads", type=int, help="torch CPU threads")
+    r.set_defaults(func=_run)

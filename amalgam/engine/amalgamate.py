@@ -1,0 +1,333 @@
+"""Feature amalgamation: compress the teachers' concatenated tap features to a compact code.
+
+At each tap the teachers' pre-activation features are concatenated along channels and a
+linear auto-encoder (a 1x1 conv for conv taps, a linear layer for FC taps) maps them to a
+compact feature ``F_a``. Two ways to fit it, one interface (:class:`LinearCodec`):
+
+``pca`` (closed form)
+    A linear AE with L2 loss is optimal at the principal subspace of the centred data.
+    :class:`TapStats` accumulates the exact sufficient statistics (count, channel sums,
+    Gram matrix; spatial positions are samples) in float64. They are sums, so partial
+    statistics from any split of the data add up to the statistics of the whole: Ray
+    workers reduce them exactly. One eigendecomposition per tap and balancing setting
+    gives every width as a prefix of the same basis.
+
+``sgd`` (paper-faithful)
+    The auto-encoder trained by MSE reconstruction with Adam (:func:`train_sgd_codec`).
+
+Balancing scales each teacher's block by ``1 / sqrt(total variance of that block)`` before
+the fit, so a teacher with loud features cannot take the whole compact space; the scale
+is folded into the codec, which still reads and reconstructs raw features.
+
+With more than two teachers, ``dfa`` fits one AE over all teachers and ``ifa`` amalgamates
+incrementally (previous compact code + next teacher). IFA's statistics are an affine
+image of the DFA statistics, so it also needs no extra pass over the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amalgam.errors import AmalgamError
+
+TapKind = Literal["conv", "fc"]
+
+
+def as_samples(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B*H*W, C] (spatial positions are samples); [B, C] unchanged."""
+    if x.dim() == 4:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    if x.dim() == 2:
+        return x
+    raise ValueError(f"expected a [B, C, H, W] or [B, C] feature, got shape {tuple(x.shape)}")
+
+
+@dataclass
+class TapStats:
+    """Exact, mergeable sufficient statistics of one tap's concatenated channels (float64)."""
+
+    blocks: list[int]  # channels per teacher, in zoo order
+    kind: TapKind
+    count: int = 0
+    sum: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    gram: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        c = sum(self.blocks)
+        if self.sum is None:
+            self.sum = torch.zeros(c, dtype=torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(c, c, dtype=torch.float64)
+
+    @property
+    def channels(self) -> int:
+        return sum(self.blocks)
+
+    def update(self, per_teacher: list[torch.Tensor]) -> None:
+        """Add one batch: a list of per-teacher features of this tap, same batch and positions."""
+        x = torch.cat([as_samples(f).to(torch.float64) for f in per_teacher], dim=1)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"batch has {x.shape[1]} channels, statistics expect {self.channels}")
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.gram += x.T @ x
+
+    def __add__(self, other: "TapStats") -> "TapStats":
+        if other.blocks != self.blocks or other.kind != self.kind:
+            raise ValueError("cannot merge statistics of different taps")
+        return TapStats(self.blocks, self.kind, self.count + other.count, self.sum + other.sum, self.gram + other.gram)
+
+    def mean(self) -> torch.Tensor:
+        self._check_nonempty()
+        return self.sum / self.count
+
+    def cov(self) -> torch.Tensor:
+        """Population covariance of the channels."""
+        mu = self.mean()
+        c = self.gram / self.count - torch.outer(mu, mu)
+        return (c + c.T) / 2
+
+    def block_slices(self) -> list[slice]:
+        out, start = [], 0
+        for b in self.blocks:
+            out.append(slice(start, start + b))
+            start += b
+        return out
+
+    def _check_nonempty(self) -> None:
+        if self.count == 0:
+            raise AmalgamError("no samples were accumulated for this tap")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "blocks": torch.tensor(self.blocks),
+            "kind": torch.tensor(0 if self.kind == "conv" else 1),
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "sum": self.sum,
+            "gram": self.gram,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, torch.Tensor]) -> "TapStats":
+        return cls(
+            [int(b) for b in d["blocks"]], "conv" if int(d["kind"]) == 0 else "fc", int(d["count"]),
+            d["sum"].to(torch.float64), d["gram"].to(torch.float64),
+        )
+
+
+class LinearCodec(nn.Module):
+    """A frozen linear auto-encoder on one tap: ``code = E x + e``, ``x_hat = D code + d``.
+
+    Applied per position (a 1x1 conv) for conv taps and per sample for FC taps.
+    """
+
+    def __init__(self, enc_w: torch.Tensor, enc_b: torch.Tensor, dec_w: torch.Tensor, dec_b: torch.Tensor, kind: TapKind):
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("enc_w", enc_w.float().contiguous())
+        self.register_buffer("enc_b", enc_b.float().contiguous())
+        self.register_buffer("dec_w", dec_w.float().contiguous())
+        self.register_buffer("dec_b", dec_b.float().contiguous())
+        self.requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return self.enc_w.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.enc_w.shape[1]
+
+    def _apply_affine(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return F.conv2d(x, w[:, :, None, None], b)
+        return F.linear(x, w, b)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_affine(x, self.enc_w, self.enc_b)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._apply_affine(z, self.dec_w, self.dec_b)
+
+    def prefix(self, k: int) -> "LinearCodec":
+        """The first ``k`` code channels (exact for PCA codecs, whose channels are sorted by variance)."""
+        return LinearCodec(self.enc_w[:k], self.enc_b[:k], self.dec_w[:, :k], self.dec_b, self.kind)
+
+    def code_moments(self, stats: TapStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and per-channel variance of the code over the data the statistics describe."""
+        e = self.enc_w.double()
+        mean = e @ stats.mean() + self.enc_b.double()
+        var = torch.einsum("kc,cd,kd->k", e, stats.cov(), e)
+        return mean, var
+
+    def residual(self, stats: TapStats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact expected squared reconstruction error per channel, and the raw variance per channel.
+
+        residual r = (I - D E) x - D e - d, so E|r|^2 = diag(M Cov M^T) + (M mu - D e - d)^2.
+        """
+        e, d = self.enc_w.double(), self.dec_w.double()
+        m = torch.eye(stats.channels, dtype=torch.float64) - d @ e
+        cov, mu = stats.cov(), stats.mean()
+        bias = m @ mu - d @ self.enc_b.double() - self.dec_b.double()
+        err = torch.einsum("ic,cd,id->i", m, cov, m) + bias**2
+        return err, torch.diagonal(cov)
+
+    def kept_variance(self, stats: TapStats) -> dict[str, float]:
+        """Fraction of variance kept, in total and per teacher block (``teacher_i`` keys by index)."""
+        err, var = self.residual(stats)
+        out = {"total": float(1 - err.sum() / var.sum())}
+        for i, s in enumerate(stats.block_slices()):
+            out[f"teacher_{i}"] = float(1 - err[s].sum() / var[s].sum().clamp_min(1e-30))
+        return out
+
+
+def balance_scale(stats: TapStats, balance: bool) -> torch.Tensor:
+    """Per-channel scale: ``1 / sqrt(total variance of the channel's teacher block)``, or ones."""
+    scale = torch.ones(stats.channels, dtype=torch.float64)
+    if balance:
+        var = torch.diagonal(stats.cov())
+        for s in stats.block_slices():
+            scale[s] = 1.0 / var[s].sum().clamp_min(1e-12).sqrt()
+    return scale
+
+
+@dataclass
+class PCABasis:
+    """Eigenbasis of one tap's (optionally balanced) covariance; every width is a prefix."""
+
+    mean: torch.Tensor  # [C] float64
+    scale: torch.Tensor  # [C] float64, balancing
+    eigvals: torch.Tensor  # [C] descending, in the balanced space
+    eigvecs: torch.Tensor  # [C, C], column i = i-th principal direction in the balanced space
+    kind: TapKind
+
+    def codec(self, k: int) -> LinearCodec:
+        """Encoder ``U_k^T S (x - mu)``; decoder ``S^-1 U_k z + mu``."""
+        if not 1 <= k <= len(self.eigvals):
+            raise AmalgamError(f"compact width {k} out of range 1..{len(self.eigvals)}")
+        u = self.eigvecs[:, :k]
+        enc_w = u.T * self.scale[None, :]
+        enc_b = -enc_w @ self.mean
+        dec_w = u / self.scale[:, None]
+        return LinearCodec(enc_w, enc_b, dec_w, self.mean.clone(), self.kind)
+
+    def energy_width(self, energy: float) -> int:
+        """Smallest width keeping ``energy`` of the (balanced) variance."""
+        frac = torch.cumsum(self.eigvals.clamp_min(0), 0) / self.eigvals.clamp_min(0).sum()
+        return int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype)).item()) + 1
+
+
+def fit_pca(stats: TapStats, balance: bool = False) -> PCABasis:
+    scale = balance_scale(stats, balance)
+    cov = stats.cov() * scale[:, None] * scale[None, :]
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    order = torch.argsort(eigvals, descending=True)
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    # Fix each direction's sign (largest |component| positive) so bases are reproducible.
+    idx = eigvecs.abs().argmax(0)
+    signs = torch.sign(eigvecs[idx, torch.arange(eigvecs.shape[1])])
+    signs[signs == 0] = 1
+    return PCABasis(stats.mean().clone(), scale, eigvals, eigvecs * signs, stats.kind)
+
+
+def _affine_stats(stats: TapStats, a: torch.Tensor, b: torch.Tensor, blocks: list[int]) -> TapStats:
+    """Statistics of ``y = A x + b`` from those of ``x`` (exact: first and second moments transform)."""
+    n = stats.count
+    mu = a @ stats.mean() + b
+    cov = a @ stats.cov() @ a.T
+    gram = (cov + torch.outer(mu, mu)) * n
+    return TapStats(blocks, stats.kind, n, mu * n, gram)
+
+
+def fit_ifa(stats: TapStats, k: int, balance: bool = False) -> LinearCodec:
+    """Incremental amalgamation: code_t = AE([code_{t-1} | teacher t]), all from the DFA statistics.
+
+    Returns one codec on the full concatenation (the composition of the steps), so it is a
+    drop-in for a DFA codec.
+    """
+    slices = stats.block_slices()
+    c = stats.channels
+    # enc: x -> code (k_prev x C); the first "code" is teacher 1's raw features.
+    first = slices[0]
+    enc_w = torch.zeros(first.stop - first.start, c, dtype=torch.float64)
+    enc_w[:, first] = torch.eye(first.stop - first.start, dtype=torch.float64)
+    enc_b = torch.zeros(enc_w.shape[0], dtype=torch.float64)
+    # dec: code -> x_hat of the teachers seen so far (as rows of the full concatenation).
+    dec_w = enc_w.T.clone()
+    dec_b = torch.zeros(c, dtype=torch.float64)
+    for s in slices[1:]:
+        width_t = s.stop - s.start
+        # Input of this step: [code_prev ; x_t] = A x + a.
+        a = torch.cat([enc_w, torch.eye(c, dtype=torch.float64)[s]], 0)
+        a_b = torch.cat([enc_b, torch.zeros(width_t, dtype=torch.float64)])
+        step_stats = _affine_stats(stats, a, a_b, [enc_w.shape[0], width_t])
+        kk = min(k, step_stats.channels)
+        step = fit_pca(step_stats, balance).codec(kk)
+        se_w, se_b = step.enc_w.double(), step.enc_b.double()
+        sd_w, sd_b = step.dec_w.double(), step.dec_b.double()
+        # Compose the encoder.
+        new_enc_w, new_enc_b = se_w @ a, se_w @ a_b + se_b
+        # Compose the decoder: step decodes [code_prev ; x_t]; code_prev decodes through dec_prev.
+        kp = enc_w.shape[0]
+        new_dec_w = dec_w @ sd_w[:kp] + torch.eye(c, dtype=torch.float64)[:, s] @ sd_w[kp:]
+        new_dec_b = dec_w @ sd_b[:kp] + dec_b + torch.eye(c, dtype=torch.float64)[:, s] @ sd_b[kp:]
+        enc_w, enc_b, dec_w, dec_b = new_enc_w, new_enc_b, new_dec_w, new_dec_b
+    if enc_w.shape[0] > k:  # a single teacher: plain PCA of its block
+        return fit_pca(stats, balance).codec(k)
+    return LinearCodec(enc_w, enc_b, dec_w, dec_b, stats.kind)
+
+
+class SGDCodecTrainer:
+    """The paper's auto-encoder: 1x1-conv (or linear) encoder/decoder trained by MSE reconstruction.
+
+    Inputs are balanced (when asked) and centred with the statistics' mean and scale, like
+    the PCA codec, so the two modes differ only in how the linear maps are found. Feed
+    per-teacher feature batches with :meth:`step` (several taps can train side by side on
+    one teacher pass), then take the frozen :meth:`codec`.
+    """
+
+    def __init__(self, stats: TapStats, k: int, balance: bool = False, lr: float = 1e-3, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.kind = stats.kind
+        self.scale = balance_scale(stats, balance).float()
+        self.mean = stats.mean().float()
+        c = stats.channels
+        self.enc, self.dec = nn.Linear(c, k), nn.Linear(k, c)
+        with torch.no_grad():
+            for lin in (self.enc, self.dec):
+                bound = 1 / lin.in_features**0.5
+                lin.weight.copy_(torch.empty_like(lin.weight).uniform_(-bound, bound, generator=gen))
+                lin.bias.zero_()
+        self.opt = torch.optim.Adam([*self.enc.parameters(), *self.dec.parameters()], lr=lr)
+        self.var = float((torch.diagonal(stats.cov()).float() * self.scale**2).sum())
+        self.curve: list[float] = []
+        self._sum, self._n = 0.0, 0
+
+    def step(self, per_teacher: list[torch.Tensor]) -> float:
+        x = (torch.cat([as_samples(f) for f in per_teacher], 1) - self.mean) * self.scale
+        loss = ((self.dec(self.enc(x)) - x) ** 2).sum(1).mean() / self.var
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self._sum += loss.item()
+        self._n += 1
+        return loss.item()
+
+    def end_epoch(self) -> float:
+        self.curve.append(self._sum / max(1, self._n))
+        self._sum, self._n = 0.0, 0
+        return self.curve[-1]
+
+    @torch.no_grad()
+    def codec(self) -> LinearCodec:
+        s, m = self.scale.double(), self.mean.double()
+        enc_w = self.enc.weight.double() * s[None, :]
+        enc_b = self.enc.bias.double() - enc_w @ m
+        dec_w = self.dec.weight.double() / s[:, None]
+        dec_b = self.dec.bias.double() / s + m
+        return LinearCodec(enc_w, enc_b, dec_w, dec_b, self.kind)

@@ -1,0 +1,317 @@
+"""The local recipe: the whole method in one process, teachers in-process, no Ray, no store.
+
+This is the reference path (``amalgam run JOB --local``) that the distributed pipeline is
+compared with. Read top to bottom, it is the method:
+
+1. one teacher pass over the pool: per-tap PCA statistics + teacher logits
+2. calibration of the teachers' logits (label-free)
+3. feature amalgamation: a frozen linear auto-encoder per tap (pca / ifa / sgd)
+4. layer-wise stages, all fitted side by side on the same teacher passes, then FAM folding
+5. joint stage: the assembled student end to end against the calibrated teacher logits
+6. baselines with the same student, data and budget; evaluation; the run directory
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from amalgam.classes import ClassSpace
+from amalgam.data.datasets import to_float
+from amalgam.data.pool import Pool, build_pool
+from amalgam.engine.amalgamate import LinearCodec, SGDCodecTrainer, TapStats, fit_ifa, fit_pca
+from amalgam.engine.calibrate import Calibration, fit_calibration
+from amalgam.engine.capture import capture_teachers
+from amalgam.engine.evaluate import (
+    Concat,
+    Metrics,
+    count_macs,
+    count_params,
+    cpu_latency_ms,
+    evaluate_logits,
+    predict_logits,
+)
+from amalgam.engine.joint import train_end_to_end
+from amalgam.engine.report import MethodResult, format_table, write_report
+from amalgam.engine.stages import assemble, build_stages, fit_stages, stage_specs
+from amalgam.engine.student import build_student, common_topology, student_config
+from amalgam.job import Job, dump_job
+from amalgam.student_io import DeployedStudent, save_student
+from amalgam.zoo.manifest import InputSpec, Normalize, Teacher, load_zoo
+
+Log = Callable[[str], None]
+
+
+def _batches(n: int, size: int, order: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    order = torch.arange(n) if order is None else order
+    for i in range(0, n, size):
+        yield order[i : i + size]
+
+
+def feature_taps(teachers: list[Teacher]) -> list[str]:
+    """Names of the amalgamated taps: every tap but the head (the head's 'code' is the logits)."""
+    return [t.name for t in teachers[0].taps()][:-1]
+
+
+def pool_input_spec(pool: Pool) -> InputSpec:
+    """The student's own normalisation: pixel mean/std of the unlabeled pool."""
+    x = to_float(pool.images)
+    c = x.shape[1]
+    return InputSpec(
+        shape=list(x.shape[1:]),
+        mean=[float(x[:, i].mean()) for i in range(c)],
+        std=[float(x[:, i].std()) for i in range(c)],
+    )
+
+
+@dataclass
+class TeacherPassResult:
+    stats: dict[str, TapStats]
+    logits: torch.Tensor  # [N, C] concatenated raw teacher logits on the pool
+
+
+def statistics_pass(teachers: list[Teacher], pool: Pool, batch_size: int, log: Log = print) -> TeacherPassResult:
+    """One pass of every teacher over the pool: exact per-tap statistics and the raw logits."""
+    taps = feature_taps(teachers)
+    infos = [{i.name: i for i in t.taps()} for t in teachers]
+    stats = {tap: TapStats([inf[tap].channels for inf in infos], infos[0][tap].kind) for tap in taps}
+    logits = []
+    for idx in tqdm(list(_batches(len(pool), batch_size)), desc="teacher pass (statistics)", leave=False):
+        out, feats = capture_teachers(teachers, to_float(pool.images[idx]))
+        for tap in taps:
+            stats[tap].update([f[tap] for f in feats])
+        logits.append(torch.cat(out, 1))
+    log(f"[amalgamate] statistics of {len(taps)} taps over {len(pool)} images")
+    return TeacherPassResult(stats, torch.cat(logits))
+
+
+def resolve_width(job: Job, tap: str, stats: TapStats, basis_energy_width: int | None) -> int:
+    k = job.amalgamation.width_for(tap, stats.channels)
+    if basis_energy_width is not None:
+        k = min(k, basis_energy_width)
+    return k
+
+
+def fit_codecs(
+    job: Job, teachers: list[Teacher], pool: Pool, stats: dict[str, TapStats], log: Log = print
+) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
+    """Feature amalgamation for every tap, in the job's mode; returns codecs and SGD AE curves."""
+    cfg = job.amalgamation
+    widths = {}
+    for tap, s in stats.items():
+        energy_k = fit_pca(s, cfg.balance).energy_width(cfg.max_energy) if cfg.max_energy else None
+        widths[tap] = resolve_width(job, tap, s, energy_k)
+    if cfg.mode == "pca" and cfg.strategy == "dfa":
+        return {tap: fit_pca(s, cfg.balance).codec(widths[tap]) for tap, s in stats.items()}, {}
+    if cfg.mode == "pca":
+        return {tap: fit_ifa(s, widths[tap], cfg.balance) for tap, s in stats.items()}, {}
+    trainers = {
+        tap: SGDCodecTrainer(s, widths[tap], cfg.balance, cfg.sgd.lr, seed=job.seed + i)
+        for i, (tap, s) in enumerate(stats.items())
+    }
+    gen = torch.Generator().manual_seed(job.seed)
+    for epoch in range(cfg.sgd.epochs):
+        order = torch.randperm(len(pool), generator=gen)
+        for idx in tqdm(list(_batches(len(pool), job.stages.batch_size, order)),
+                        desc=f"sgd auto-encoders epoch {epoch + 1}/{cfg.sgd.epochs}", leave=False):
+            _, feats = capture_teachers(teachers, to_float(pool.images[idx]))
+            for tap, tr in trainers.items():
+                tr.step([f[tap] for f in feats])
+        losses = {tap: tr.end_epoch() for tap, tr in trainers.items()}
+        log(f"[amalgamate] sgd epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    return {tap: tr.codec() for tap, tr in trainers.items()}, {f"ae_{t}": tr.curve for t, tr in trainers.items()}
+
+
+def code_batches(
+    teachers: list[Teacher],
+    codecs: dict[str, LinearCodec],
+    pool: Pool,
+    head_targets: torch.Tensor,
+    student_norm: Normalize,
+    batch_size: int,
+    seed: int,
+) -> Callable[[int], Iterator[dict]]:
+    """Per epoch, shuffled batches of (student-normalised image, compact codes) from live teachers."""
+
+    def epoch_batches(epoch: int) -> Iterator[dict]:
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for idx in _batches(len(pool), batch_size, order):
+            x = to_float(pool.images[idx])
+            _, feats = capture_teachers(teachers, x)
+            with torch.no_grad():
+                codes = {tap: c.encode(torch.cat([f[tap] for f in feats], 1)) for tap, c in codecs.items()}
+                codes["head"] = head_targets[idx]
+                image = student_norm(x)
+            yield {"image": image, "codes": codes}
+
+    return epoch_batches
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    student: DeployedStudent
+    results: list[MethodResult]
+    extra: dict = field(default_factory=dict)
+
+
+def _cost(model: nn.Module, shape: tuple[int, ...], latency: bool) -> dict:
+    out = {"params": count_params(model), "macs": count_macs(model, shape), "latency_ms_b1": None, "latency_ms_b256": None}
+    if latency:
+        out["latency_ms_b1"] = cpu_latency_ms(model, shape, batch=1)
+        out["latency_ms_b256"] = cpu_latency_ms(model, shape, batch=256, repeats=5)
+    return out
+
+
+def _only_task(metrics: Metrics, teacher: str) -> Metrics:
+    """A single teacher covers only its sub-task: blank the columns it cannot answer."""
+    nan = float("nan")
+    return Metrics(
+        task_aware={k: (v if k == teacher else nan) for k, v in metrics.task_aware.items()},
+        comprehensive=nan,
+        comprehensive_per_task={k: nan for k in metrics.comprehensive_per_task},
+        confusion=metrics.confusion,
+        n=metrics.n,
+    )
+
+
+def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
+    t_start = time.perf_counter()
+    torch.manual_seed(job.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return time.perf_counter()
+
+    manifest, teachers = load_zoo(job.zoo_path())
+    space: ClassSpace = manifest.class_space()
+    ref_cfg = common_topology([t.name for t in teachers], [t.net.config for t in teachers])
+    pool = build_pool(job.pool)
+    test = build_pool(job.evaluation.test)
+    test_labels = space.remap(test.class_names, test.labels)
+    log(f"[run] job {job.name}: {len(teachers)} teachers, {len(space)} classes, pool {len(pool)}, test {len(test)}")
+
+    # 1-2. statistics, logits, calibration
+    t0 = time.perf_counter()
+    tp = statistics_pass(teachers, pool, job.batch_size, log)
+    calib: Calibration = fit_calibration(tp.logits, space.slices, job.calibration)
+    targets = calib(tp.logits)
+    t0 = lap("teacher_statistics_pass", t0)
+
+    # 3. feature amalgamation
+    codecs, ae_curves = fit_codecs(job, teachers, pool, tp.stats, log)
+    amalg_report = {}
+    for tap, codec in codecs.items():
+        err, var = codec.residual(tp.stats[tap])
+        kept = codec.kept_variance(tp.stats[tap])
+        amalg_report[tap] = {
+            "concat_channels": tp.stats[tap].channels,
+            "width": codec.width,
+            "normalised_reconstruction_error": float(err.sum() / var.sum()),
+            "kept_variance": {(teachers[int(k.split("_")[1])].name if k.startswith("teacher_") else k): round(v, 5)
+                              for k, v in kept.items()},
+        }
+        log(f"[amalgamate] {tap}: {tp.stats[tap].channels} -> {codec.width} channels, "
+            f"reconstruction error {amalg_report[tap]['normalised_reconstruction_error']:.4f}")
+    t0 = lap("amalgamation_fit", t0)
+
+    # 4. student, stages, fold
+    widths = {tap: c.width for tap, c in codecs.items()}
+    s_cfg = student_config(ref_cfg, widths, len(space))
+    s_spec = pool_input_spec(pool)
+    student_norm = Normalize(s_spec.mean, s_spec.std)
+    skeleton = build_student(s_cfg)
+    nets = build_stages(skeleton)
+    specs = stage_specs(skeleton)
+    target_var = {tap: float(c.code_moments(tp.stats[tap])[1].mean()) for tap, c in codecs.items()}
+    target_var["head"] = float(targets.var(0).mean())
+    steps = -(-len(pool) // job.stages.batch_size)
+    curves = fit_stages(
+        specs, nets, target_var,
+        code_batches(teachers, codecs, pool, targets, student_norm, job.stages.batch_size, job.seed),
+        job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
+    )
+    student = DeployedStudent(assemble(skeleton, nets), s_spec)
+    t0 = lap("stages", t0)
+    after_stages = evaluate_logits(predict_logits(student, test.images), test_labels, space)
+    log(f"[stages] assembled student: comprehensive {after_stages.comprehensive:.4f}")
+
+    # 5. joint stage
+    joint_target = tp.logits if job.joint.loss == "mse" and job.calibration == "none" else targets
+    joint_curve = train_end_to_end(
+        student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
+        job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
+    ) if job.joint.epochs else []
+    t0 = lap("joint", t0)
+
+    # 6. baselines and evaluation
+    shape = tuple(s_spec.shape)
+    teacher_test_logits = [predict_logits(t, test.images) for t in teachers]
+    ens_raw = torch.cat(teacher_test_logits, 1)
+    results: list[MethodResult] = []
+    for t, lg, s in zip(teachers, teacher_test_logits, space.slices):
+        full = torch.full((len(test), len(space)), float("-inf"))
+        full[:, s] = lg
+        m = _only_task(evaluate_logits(full, test_labels, space), t.name)
+        results.append(MethodResult(f"teacher {t.name}", m, **_cost(t, shape, job.evaluation.latency)))
+    all_teachers = Concat(teachers)
+    teachers_cost = _cost(all_teachers, shape, job.evaluation.latency)
+    results.append(MethodResult("ensemble (raw logits)", evaluate_logits(ens_raw, test_labels, space), **teachers_cost))
+    if job.calibration != "none":
+        results.append(MethodResult(f"ensemble ({job.calibration})", evaluate_logits(calib(ens_raw), test_labels, space),
+                                    **teachers_cost))
+    budget = job.baselines.from_scratch_epochs or (job.stages.epochs + job.joint.epochs)
+    student_cost = _cost(student, shape, job.evaluation.latency)
+    if job.baselines.kd:
+        kd = DeployedStudent(build_student(s_cfg), s_spec)
+        train_end_to_end(kd, pool.images, targets, "kd", budget, job.joint.lr, job.joint.batch_size,
+                         job.joint.temperature, job.seed, "kd baseline", log)
+        results.append(MethodResult("multi-teacher KD (scratch)", evaluate_logits(predict_logits(kd, test.images), test_labels, space),
+                                    **student_cost))
+    if job.baselines.supervised:
+        labels = space.remap(pool.class_names, pool.labels)
+        keep = labels >= 0
+        sup = DeployedStudent(build_student(s_cfg), s_spec)
+        train_end_to_end(sup, pool.images[keep], labels[keep], "ce", budget, job.joint.lr, job.joint.batch_size,
+                         1.0, job.seed, "supervised", log)
+        results.append(MethodResult("supervised (labels)", evaluate_logits(predict_logits(sup, test.images), test_labels, space),
+                                    labels_used=True, **student_cost))
+    results.append(MethodResult("amalgamated: after stages", after_stages, **student_cost))
+    main_name = f"amalgamated ({job.amalgamation.mode}/{job.amalgamation.strategy}, {job.joint.loss})"
+    final = evaluate_logits(predict_logits(student, test.images), test_labels, space)
+    results.append(MethodResult(main_name, final, **student_cost))
+    t0 = lap("baselines_and_evaluation", t0)
+    timings["total"] = round(time.perf_counter() - t_start, 2)
+
+    # The run directory.
+    save_student(
+        run_dir, student.net, list(space.names), [(t.name, t.entry.classes) for t in teachers], s_spec,
+        metrics={"comprehensive": final.comprehensive, **{f"task_aware/{k}": v for k, v in final.task_aware.items()}},
+        job=json.loads(json.dumps(job.model_dump(mode="json"))),
+    )
+    (run_dir / "job.yaml").write_text(dump_job(job))
+    extra = {
+        "job": job.name,
+        "teacher_to_student_params": round(student_cost["params"] / teachers_cost["params"], 4),
+        "student_widths": widths,
+        "amalgamation": amalg_report,
+        "calibration": calib.to_dict(),
+        "joint_curve": joint_curve,
+        "autoencoder_curves": ae_curves,
+        "timings_s": timings,
+        "pool_size": len(pool),
+        "test_size": len(test),
+    }
+    write_report(run_dir, f"amalgam run {job.name}", space, results, main_name, curves, extra)
+    log("\n" + format_table(space, results))
+    log(f"\n[run] done in {timings['total']:.0f}s; run directory {run_dir}")
+    return RunResult(run_dir, student, results, extra)

@@ -1,0 +1,164 @@
+"""The job spec: one YAML file per experiment (torchdistill-style), validated by pydantic.
+
+Unknown keys are rejected and every error is one line naming the file and the field.
+Paths inside a job may use ``$AMALGAM_HOME``/``~`` and are relative to the job file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from amalgam.data.pool import PoolSpec
+from amalgam.errors import AmalgamError
+from amalgam.paths import amalgam_home
+
+JOB_VERSION = 1
+
+Width = Union[int, float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SGDAutoencoder(_Strict):
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class Amalgamation(_Strict):
+    mode: Literal["pca", "sgd"] = "pca"
+    strategy: Literal["dfa", "ifa"] = "dfa"
+    balance: bool = True
+    widths: dict[str, Width] = Field(
+        default_factory=lambda: {"default": 0.4},
+        description="per tap (conv1, ...; 'default' for the rest): an int, or a ratio of the concatenated width",
+    )
+    max_energy: float | None = Field(
+        None, gt=0, le=1, description="cap each width at the smallest one keeping this variance fraction"
+    )
+    sgd: SGDAutoencoder = Field(default_factory=SGDAutoencoder)
+
+    @field_validator("widths")
+    @classmethod
+    def _positive(cls, v: dict[str, Width]) -> dict[str, Width]:
+        for k, w in v.items():
+            if w <= 0 or (isinstance(w, float) and w > 1):
+                raise ValueError(f"width of {k} must be an int >= 1 or a ratio in (0, 1], got {w}")
+        return v
+
+    @model_validator(mode="after")
+    def _ifa_needs_pca(self) -> "Amalgamation":
+        if self.strategy == "ifa" and self.mode != "pca":
+            raise ValueError("strategy ifa is implemented for mode pca only")
+        return self
+
+    def width_for(self, tap: str, concat_channels: int) -> int:
+        w = self.widths.get(tap, self.widths.get("default", 0.4))
+        k = int(w) if isinstance(w, int) else max(1, round(w * concat_channels))
+        return min(k, concat_channels)
+
+
+class Stages(_Strict):
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    closed_form_first: bool = Field(True, description="solve stage 1 by least squares (exact optimum)")
+
+
+class Joint(_Strict):
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    loss: Literal["kd", "mse"] = "kd"
+    temperature: float = Field(2.0, gt=0)
+
+
+class Baselines(_Strict):
+    kd: bool = True
+    supervised: bool = True
+    from_scratch_epochs: int | None = Field(
+        None, ge=1, description="epochs for KD/supervised students; default: stage + joint epochs (same budget)"
+    )
+
+
+class Evaluation(_Strict):
+    test: PoolSpec = Field(
+        default_factory=lambda: PoolSpec.model_validate(
+            {"sources": [{"dataset": "mnist", "split": "test"}, {"dataset": "fashion", "split": "test"}]}
+        )
+    )
+    latency: bool = True
+
+
+class Job(_Strict):
+    version: int = JOB_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    zoo: str
+    pool: PoolSpec
+    calibration: Literal["none", "standardize", "temperature"] = "standardize"
+    amalgamation: Amalgamation = Field(default_factory=Amalgamation)
+    stages: Stages = Field(default_factory=Stages)
+    joint: Joint = Field(default_factory=Joint)
+    baselines: Baselines = Field(default_factory=Baselines)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    batch_size: int = Field(256, ge=1, description="teacher forward batch")
+    seed: int = 0
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != JOB_VERSION:
+            raise ValueError(f"unsupported job version {v}; this amalgam reads version {JOB_VERSION}")
+        return v
+
+    # Set by load_job: where relative paths resolve from.
+    _base_dir: Path = Path(".")
+
+    def resolve(self, path: str) -> Path:
+        expanded = os.path.expanduser(os.path.expandvars(path.replace("$AMALGAM_HOME", str(amalgam_home()))))
+        p = Path(expanded)
+        return p if p.is_absolute() else (self._base_dir / p).resolve()
+
+    def zoo_path(self) -> Path:
+        return self.resolve(self.zoo)
+
+
+def _one_line(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: field {loc}: {msg}"
+
+
+def parse_job(raw: object, path: Path) -> Job:
+    if not isinstance(raw, dict):
+        raise AmalgamError(f"{path}: a job file must be a YAML mapping")
+    try:
+        job = Job.model_validate(raw)
+    except ValidationError as exc:
+        raise AmalgamError(_one_line(path, exc)) from None
+    job._base_dir = path.parent.resolve()
+    return job
+
+
+def load_job(path: Path | str) -> Job:
+    path = Path(path)
+    if not path.is_file():
+        raise AmalgamError(f"{path}: job file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise AmalgamError(f"{path}:{where} malformed YAML") from None
+    return parse_job(raw, path)
+
+
+def dump_job(job: Job) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
