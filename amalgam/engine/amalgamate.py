@@ -219,7 +219,8 @@ class PCABasis:
     def energy_width(self, energy: float) -> int:
         """Smallest width keeping ``energy`` of the (balanced) variance."""
         frac = torch.cumsum(self.eigvals.clamp_min(0), 0) / self.eigvals.clamp_min(0).sum()
-        return int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype)).item()) + 1
+        k = int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype)).item()) + 1
+        return min(k, len(self.eigvals))  # rounding can leave the last cumulative fraction just below 1
 
 
 def fit_pca(stats: TapStats, balance: bool = False) -> PCABasis:

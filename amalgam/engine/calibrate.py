@@ -39,6 +39,8 @@ class Calibration:
 
 def fit_calibration(pool_logits: torch.Tensor, slices: tuple[slice, ...] | list[slice], method: Method) -> Calibration:
     """Estimate per-teacher shift/scale from concatenated teacher logits on the pool [N, C]."""
+    if method not in ("none", "standardize", "temperature"):
+        raise ValueError(f"unknown calibration {method!r}; use none, standardize or temperature")
     c = pool_logits.shape[1]
     shift, scale = torch.zeros(c), torch.ones(c)
     if method != "none":
@@ -47,6 +49,4 @@ def fit_calibration(pool_logits: torch.Tensor, slices: tuple[slice, ...] | list[
             if method == "standardize":
                 shift[s] = float(block.mean())
             scale[s] = float(block.std().clamp_min(1e-6))
-    elif method not in ("none", "standardize", "temperature"):
-        raise ValueError(f"unknown calibration {method!r}")
     return Calibration(method, shift, scale)

@@ -29,12 +29,12 @@ def fam_matrix(fam: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def fold_into(layer: nn.Module, fam: nn.Module) -> None:
     """In place: ``layer`` becomes ``fam o layer`` (both affine)."""
+    if layer.bias is None:
+        raise ValueError("folding needs a layer with a bias")
     a, c = fam_matrix(fam)
     a64, c64 = a.double(), c.double()
     w = layer.weight.double()
     new_w = torch.einsum("oj,j...->o...", a64, w)
-    new_b = a64 @ (layer.bias.double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)) + c64
+    new_b = a64 @ layer.bias.double() + c64
     layer.weight.copy_(new_w.to(layer.weight.dtype))
-    if layer.bias is None:
-        raise ValueError("folding needs a layer with a bias")
     layer.bias.copy_(new_b.to(layer.bias.dtype))

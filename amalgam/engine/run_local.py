@@ -40,6 +40,7 @@ from amalgam.engine.evaluate import (
 )
 from amalgam.engine.joint import train_end_to_end
 from amalgam.engine.report import MethodResult, format_table, write_report
+from amalgam.errors import AmalgamError
 from amalgam.engine.stages import assemble, build_stages, fit_stages, stage_specs
 from amalgam.engine.student import build_student, common_topology, student_config
 from amalgam.job import Job, dump_job
@@ -104,6 +105,9 @@ def fit_codecs(
 ) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
     """Feature amalgamation for every tap, in the job's mode; returns codecs and SGD AE curves."""
     cfg = job.amalgamation
+    unknown = sorted(set(cfg.widths) - set(stats) - {"default"})
+    if unknown:
+        raise AmalgamError(f"job {job.name}: field amalgamation.widths.{unknown[0]}: no such tap; taps are {', '.join(stats)}")
     widths = {}
     for tap, s in stats.items():
         energy_k = fit_pca(s, cfg.balance).energy_width(cfg.max_energy) if cfg.max_energy else None
@@ -185,7 +189,6 @@ def _only_task(metrics: Metrics, teacher: str) -> Metrics:
 def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
     t_start = time.perf_counter()
     torch.manual_seed(job.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def lap(name: str, t0: float) -> float:
@@ -193,6 +196,8 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
         return time.perf_counter()
 
     manifest, teachers = load_zoo(job.zoo_path())
+    # Provenance names the resolved zoo, so RUN_DIR/job.yaml reruns the same job from anywhere.
+    job = job.model_copy(update={"zoo": str(job.zoo_path())})
     space: ClassSpace = manifest.class_space()
     ref_cfg = common_topology([t.name for t in teachers], [t.net.config for t in teachers])
     pool = build_pool(job.pool)
@@ -292,7 +297,8 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
     t0 = lap("baselines_and_evaluation", t0)
     timings["total"] = round(time.perf_counter() - t_start, 2)
 
-    # The run directory.
+    # The run directory (created only now: a run that failed early leaves nothing behind).
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_student(
         run_dir, student.net, list(space.names), [(t.name, t.entry.classes) for t in teachers], s_spec,
         metrics={"comprehensive": final.comprehensive, **{f"task_aware/{k}": v for k, v in final.task_aware.items()}},
