@@ -71,8 +71,17 @@ class Stages(_Strict):
     closed_form_first: bool = Field(True, description="solve stage 1 by least squares (exact optimum)")
 
 
+class Gate(_Strict):
+    epochs: int = Field(2, ge=1)
+    keep: float = Field(0.7, gt=0, le=1, description="fraction of the pool (most confident) used as pseudo-labels")
+
+
 class Joint(_Strict):
     epochs: int = Field(5, ge=0)
+    target: Literal["calibrated", "gated"] = Field(
+        "calibrated", description="gated: mixture of experts with a label-free domain gate (engine/gating.py)"
+    )
+    gate: Gate = Field(default_factory=Gate)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)
     loss: Literal["kd", "mse"] = "kd"

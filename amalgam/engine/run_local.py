@@ -38,6 +38,7 @@ from amalgam.engine.evaluate import (
     evaluate_logits,
     predict_logits,
 )
+from amalgam.engine.gating import fit_gate, gate_and_target, gated_targets
 from amalgam.engine.joint import train_end_to_end
 from amalgam.engine.report import MethodResult, format_table, write_report
 from amalgam.errors import AmalgamError
@@ -250,8 +251,13 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
     after_stages = evaluate_logits(predict_logits(student, test.images), test_labels, space)
     log(f"[stages] assembled student: comprehensive {after_stages.comprehensive:.4f}")
 
-    # 5. joint stage
+    # 5. joint stage (optionally against gated, mixture-of-experts targets)
     joint_target = tp.logits if job.joint.loss == "mse" and job.calibration == "none" else targets
+    gate = None
+    if job.joint.target == "gated":
+        gate = fit_gate(pool.images, targets, space.slices, s_spec, job.joint.gate.epochs, job.joint.gate.keep,
+                        job.joint.lr, job.seed, log)
+        joint_target = gate_and_target(gate, pool.images, targets, space.slices)
     joint_curve = train_end_to_end(
         student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
         job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
@@ -274,6 +280,12 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
     if job.calibration != "none":
         results.append(MethodResult(f"ensemble ({job.calibration})", evaluate_logits(calib(ens_raw), test_labels, space),
                                     **teachers_cost))
+    if gate is not None:
+        gated_ens = gated_targets(predict_logits(gate, test.images), calib(ens_raw), space.slices)
+        gate_cost = {k: (v + c if v is not None and c is not None else None) for (k, v), c in
+                     zip(teachers_cost.items(), _cost(gate, shape, job.evaluation.latency).values())}
+        results.append(MethodResult("ensemble (gated, label-free)", evaluate_logits(gated_ens, test_labels, space),
+                                    **gate_cost))
     budget = job.baselines.from_scratch_epochs or (job.stages.epochs + job.joint.epochs)
     student_cost = _cost(student, shape, job.evaluation.latency)
     if job.baselines.kd:
@@ -291,7 +303,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
         results.append(MethodResult("supervised (labels)", evaluate_logits(predict_logits(sup, test.images), test_labels, space),
                                     labels_used=True, **student_cost))
     results.append(MethodResult("amalgamated: after stages", after_stages, **student_cost))
-    main_name = f"amalgamated ({job.amalgamation.mode}/{job.amalgamation.strategy}, {job.joint.loss})"
+    main_name = f"amalgamated ({job.amalgamation.mode}/{job.amalgamation.strategy}, {job.joint.loss}, {job.joint.target})"
     final = evaluate_logits(predict_logits(student, test.images), test_labels, space)
     results.append(MethodResult(main_name, final, **student_cost))
     t0 = lap("baselines_and_evaluation", t0)
