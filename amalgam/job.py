@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from amalgam.data.pool import PoolSpec
 from amalgam.errors import AmalgamError
 from amalgam.paths import amalgam_home
+from amalgam.store.location import S3Options
 
 JOB_VERSION = 1
 
@@ -43,6 +44,9 @@ class Amalgamation(_Strict):
         None, gt=0, le=1, description="cap each width at the smallest one keeping this variance fraction"
     )
     sgd: SGDAutoencoder = Field(default_factory=SGDAutoencoder)
+    max_width: dict[str, Width] | None = Field(
+        None, description="widest width a sweep may ask for (codes are stored at it); default: widths"
+    )
 
     @field_validator("widths")
     @classmethod
@@ -58,10 +62,15 @@ class Amalgamation(_Strict):
             raise ValueError("strategy ifa is implemented for mode pca only")
         return self
 
-    def width_for(self, tap: str, concat_channels: int) -> int:
-        w = self.widths.get(tap, self.widths.get("default", 0.4))
+    def width_for(self, tap: str, concat_channels: int, table: dict[str, Width] | None = None) -> int:
+        table = self.widths if table is None else table
+        w = table.get(tap, table.get("default", 0.4))
         k = int(w) if isinstance(w, int) else max(1, round(w * concat_channels))
         return min(k, concat_channels)
+
+    def max_width_for(self, tap: str, concat_channels: int) -> int:
+        k = self.width_for(tap, concat_channels)
+        return max(k, self.width_for(tap, concat_channels, self.max_width)) if self.max_width else k
 
 
 class Stages(_Strict):
@@ -105,6 +114,19 @@ class Evaluation(_Strict):
     latency: bool = True
 
 
+class StoreConfig(_Strict):
+    uri: str = Field("$AMALGAM_HOME/store", description="a path, file://PATH or s3://BUCKET/PREFIX")
+    s3: S3Options = Field(default_factory=S3Options)
+
+
+class Extraction(_Strict):
+    actors: int = Field(2, ge=1, description="Ray Data actor pool size (teacher replicas)")
+    batch_size: int = Field(256, ge=1, description="teacher forward batch inside an actor")
+    shard_size: int = Field(2048, ge=1, description="rows per Parquet shard (the unit of resume)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
 class Job(_Strict):
     version: int = JOB_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -117,6 +139,8 @@ class Job(_Strict):
     baselines: Baselines = Field(default_factory=Baselines)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     batch_size: int = Field(256, ge=1, description="teacher forward batch")
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    extraction: Extraction = Field(default_factory=Extraction)
     seed: int = 0
 
     @field_validator("version")
@@ -136,6 +160,10 @@ class Job(_Strict):
 
     def zoo_path(self) -> Path:
         return self.resolve(self.zoo)
+
+    def store_uri(self) -> str:
+        uri = self.store.uri
+        return uri if uri.startswith("s3://") else str(self.resolve(uri.removeprefix("file://")))
 
 
 def _one_line(path: Path, exc: ValidationError) -> str:

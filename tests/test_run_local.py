@@ -55,7 +55,7 @@ PAPER = {
     "baselines": {"kd": False, "supervised": False},
     "evaluation": {"test": TEST_SPEC, "latency": False},
 }
-MAIN = "amalgamated (pca/dfa, kd)"
+MAIN = "amalgamated (pca/dfa, kd, standardize)"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,7 +182,7 @@ def test_paper_mode_run_completes(workdir):
     rc, _, run_dir = _run(workdir, PAPER, "run-paper")
     assert rc == 0
     report = json.loads((run_dir / "report.json").read_text())
-    name = "amalgamated (sgd/dfa, mse)"
+    name = "amalgamated (sgd/dfa, mse, raw logits)"
     assert report["main"] == name
     methods = {m["name"]: m for m in report["methods"]}
     assert "ensemble (none)" not in methods and "multi-teacher KD (scratch)" not in methods

@@ -6,7 +6,6 @@ import argparse
 import time
 from pathlib import Path
 
-from amalgam.errors import AmalgamError
 from amalgam.paths import amalgam_home
 
 
@@ -40,11 +39,31 @@ def _run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else default_run_dir(job.name)
-    if not args.local:
-        raise AmalgamError("the distributed (Ray) pipeline is not available yet; run with --local")
     from amalgam.engine.run_local import run_local
 
-    run_local(job, out)
+    if args.local:
+        run_local(job, out)
+    else:
+        from amalgam.distributed.store_source import store_source_factory
+
+        run_local(job, out, source_factory=store_source_factory(args.address))
+
+
+def _extract(args: argparse.Namespace) -> None:
+    """Both extraction passes into the store (statistics + logits, then codes), nothing else."""
+    from amalgam.data.pool import build_pool
+    from amalgam.distributed.store_source import StoreSource
+    from amalgam.job import load_job
+    from amalgam.zoo.manifest import load_zoo
+
+    job = load_job(args.job)
+    _, teachers = load_zoo(job.zoo_path())
+    pool = build_pool(job.pool)
+    src = StoreSource(job, teachers, pool, address=args.address)
+    tp = src.teacher_pass()
+    src.fit(tp.stats)
+    print(f"[extract] done: teacher forwards this run {src.teacher_forwards}; "
+          f"codes at {src.loc.uri_of(src.codes.key)} (widths {src.stored_widths})")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run an amalgamation job")
     r.add_argument("job")
     r.add_argument("--local", action="store_true", help="one process, teachers in-process, no Ray, no store")
+    r.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     r.add_argument("--out", help="run directory (default $AMALGAM_HOME/runs/NAME-TIME)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
     r.set_defaults(func=_run)
+    e = sub.add_parser("extract", help="run the teachers on Ray and fill the store (statistics, logits, codes)")
+    e.add_argument("job")
+    e.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    e.set_defaults(func=_extract)

@@ -94,25 +94,31 @@ def statistics_pass(teachers: list[Teacher], pool: Pool, batch_size: int, log: L
     return TeacherPassResult(stats, torch.cat(logits))
 
 
-def resolve_width(job: Job, tap: str, stats: TapStats, basis_energy_width: int | None) -> int:
-    k = job.amalgamation.width_for(tap, stats.channels)
-    if basis_energy_width is not None:
-        k = min(k, basis_energy_width)
-    return k
+def resolve_widths(job: Job, stats: dict[str, TapStats], maximum: bool = False) -> dict[str, int]:
+    """Each tap's compact width (or the widest a sweep may ask for, with ``maximum``)."""
+    cfg = job.amalgamation
+    for field_name, table in (("widths", cfg.widths), ("max_width", cfg.max_width or {})):
+        unknown = sorted(set(table) - set(stats) - {"default"})
+        if unknown:
+            raise AmalgamError(
+                f"job {job.name}: field amalgamation.{field_name}.{unknown[0]}: no such tap; taps are {', '.join(stats)}"
+            )
+    widths = {}
+    for tap, s in stats.items():
+        k = cfg.max_width_for(tap, s.channels) if maximum else cfg.width_for(tap, s.channels)
+        if cfg.max_energy:
+            k = min(k, fit_pca(s, cfg.balance).energy_width(cfg.max_energy))
+        widths[tap] = k
+    return widths
 
 
 def fit_codecs(
-    job: Job, teachers: list[Teacher], pool: Pool, stats: dict[str, TapStats], log: Log = print
+    job: Job, teachers: list[Teacher], pool: Pool, stats: dict[str, TapStats], log: Log = print,
+    widths: dict[str, int] | None = None,
 ) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
     """Feature amalgamation for every tap, in the job's mode; returns codecs and SGD AE curves."""
     cfg = job.amalgamation
-    unknown = sorted(set(cfg.widths) - set(stats) - {"default"})
-    if unknown:
-        raise AmalgamError(f"job {job.name}: field amalgamation.widths.{unknown[0]}: no such tap; taps are {', '.join(stats)}")
-    widths = {}
-    for tap, s in stats.items():
-        energy_k = fit_pca(s, cfg.balance).energy_width(cfg.max_energy) if cfg.max_energy else None
-        widths[tap] = resolve_width(job, tap, s, energy_k)
+    widths = widths or resolve_widths(job, stats)
     if cfg.mode == "pca" and cfg.strategy == "dfa":
         return {tap: fit_pca(s, cfg.balance).codec(widths[tap]) for tap, s in stats.items()}, {}
     if cfg.mode == "pca":
@@ -159,6 +165,35 @@ def code_batches(
     return epoch_batches
 
 
+class OnlineSource:
+    """Teachers run in-process on every pass (the reference path: no Ray, no store)."""
+
+    name = "local (teachers in-process)"
+
+    def __init__(self, job: Job, teachers: list[Teacher], pool: Pool, log: Log = print):
+        self.job, self.teachers, self.pool, self.log = job, teachers, pool, log
+        self.teacher_forwards = 0
+
+    def teacher_pass(self) -> TeacherPassResult:
+        self.teacher_forwards += len(self.pool) * len(self.teachers)
+        return statistics_pass(self.teachers, self.pool, self.job.batch_size, self.log)
+
+    def fit(self, stats: dict[str, TapStats]) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
+        if self.job.amalgamation.mode == "sgd":
+            self.teacher_forwards += len(self.pool) * len(self.teachers) * self.job.amalgamation.sgd.epochs
+        return fit_codecs(self.job, self.teachers, self.pool, stats, self.log)
+
+    def epoch_batches(self, codecs: dict[str, LinearCodec], head_targets: torch.Tensor, student_norm: Normalize,
+                      batch_size: int, seed: int) -> Callable[[int], Iterator[dict]]:
+        inner = code_batches(self.teachers, codecs, self.pool, head_targets, student_norm, batch_size, seed)
+
+        def counted(epoch: int) -> Iterator[dict]:
+            self.teacher_forwards += len(self.pool) * len(self.teachers)
+            return inner(epoch)
+
+        return counted
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -187,7 +222,9 @@ def _only_task(metrics: Metrics, teacher: str) -> Metrics:
     )
 
 
-def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
+def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) -> RunResult:
+    """Run the whole method; ``source_factory(job, teachers, pool, log)`` picks where features come
+    from (default: teachers in-process; the store pipeline passes its own)."""
     t_start = time.perf_counter()
     torch.manual_seed(job.seed)
     timings: dict[str, float] = {}
@@ -208,13 +245,14 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
 
     # 1-2. statistics, logits, calibration
     t0 = time.perf_counter()
-    tp = statistics_pass(teachers, pool, job.batch_size, log)
+    source = (source_factory or OnlineSource)(job, teachers, pool, log)
+    tp = source.teacher_pass()
     calib: Calibration = fit_calibration(tp.logits, space.slices, job.calibration)
     targets = calib(tp.logits)
     t0 = lap("teacher_statistics_pass", t0)
 
     # 3. feature amalgamation
-    codecs, ae_curves = fit_codecs(job, teachers, pool, tp.stats, log)
+    codecs, ae_curves = source.fit(tp.stats)
     amalg_report = {}
     for tap, codec in codecs.items():
         err, var = codec.residual(tp.stats[tap])
@@ -243,7 +281,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
     steps = -(-len(pool) // job.stages.batch_size)
     curves = fit_stages(
         specs, nets, target_var,
-        code_batches(teachers, codecs, pool, targets, student_norm, job.stages.batch_size, job.seed),
+        source.epoch_batches(codecs, targets, student_norm, job.stages.batch_size, job.seed),
         job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
     )
     student = DeployedStudent(assemble(skeleton, nets), s_spec)
@@ -303,7 +341,8 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
         results.append(MethodResult("supervised (labels)", evaluate_logits(predict_logits(sup, test.images), test_labels, space),
                                     labels_used=True, **student_cost))
     results.append(MethodResult("amalgamated: after stages", after_stages, **student_cost))
-    main_name = f"amalgamated ({job.amalgamation.mode}/{job.amalgamation.strategy}, {job.joint.loss}, {job.joint.target})"
+    target = "gated" if job.joint.target == "gated" else ("raw logits" if job.calibration == "none" else job.calibration)
+    main_name = f"amalgamated ({job.amalgamation.mode}/{job.amalgamation.strategy}, {job.joint.loss}, {target})"
     final = evaluate_logits(predict_logits(student, test.images), test_labels, space)
     results.append(MethodResult(main_name, final, **student_cost))
     t0 = lap("baselines_and_evaluation", t0)
@@ -326,6 +365,8 @@ def run_local(job: Job, run_dir: Path, log: Log = print) -> RunResult:
         "joint_curve": joint_curve,
         "autoencoder_curves": ae_curves,
         "timings_s": timings,
+        "feature_source": source.name,
+        "teacher_forwards": source.teacher_forwards,
         "pool_size": len(pool),
         "test_size": len(test),
     }

@@ -1,0 +1,126 @@
+"""Features from the store: extract through Ray (once), then train with no teacher at all.
+
+Plugs into the engine's recipe (:func:`amalgam.engine.run_local.run_local`) in place of the
+in-process teachers: the same statistics, codecs and code batches, read from Parquet.
+Codes are stored at ``max_width``; with PCA (DFA) a narrower width is a prefix of the same
+basis, so one extraction serves every width a sweep asks for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from amalgam.data.pool import Pool
+from amalgam.engine.amalgamate import LinearCodec, TapStats, fit_ifa, fit_pca
+from amalgam.engine.run_local import TeacherPassResult, resolve_widths
+from amalgam.errors import AmalgamError
+from amalgam.job import Job
+from amalgam.store.codecs import codecs_fingerprint, load_codecs, save_codecs
+from amalgam.store.dataset import Dataset, column_to_numpy
+from amalgam.store.fingerprint import zoo_fingerprint
+from amalgam.zoo.manifest import Normalize, Teacher
+from amalgam.distributed.extract import (
+    STATS_SIDE,
+    PassSpec,
+    codecs_key,
+    codes_key,
+    ensure_ray,
+    outputs_key,
+    run_pass,
+    store_location,
+    sum_stats,
+)
+
+
+class StoreSource:
+    name = "store (Ray extraction)"
+
+    def __init__(self, job: Job, teachers: list[Teacher], pool: Pool, log=print, address: str | None = None):
+        if job.amalgamation.mode == "sgd":
+            raise AmalgamError(
+                f"job {job.name}: field amalgamation.mode: sgd needs raw taps, which the store does not keep; "
+                "run it with --local"
+            )
+        self.job, self.teachers, self.pool, self.log = job, teachers, pool, log
+        self.loc = store_location(job)
+        self.pool_fp = pool.fingerprint()
+        self.zoo_fp = zoo_fingerprint([t.entry for t in teachers])
+        self.teacher_forwards = 0
+        self.codes: Dataset | None = None
+        self.outputs: Dataset | None = None
+        ensure_ray(address)
+
+    def _spec(self, kind: str, key: str, fingerprints: dict[str, str], codecs: str | None = None) -> PassSpec:
+        return PassSpec(
+            kind=kind, zoo_path=str(self.job.zoo_path()), store_uri=self.job.store_uri(),
+            s3=self.job.store.s3.model_dump(), key=key, fingerprints=fingerprints, num_rows=len(self.pool),
+            shard_size=self.job.extraction.shard_size, batch_size=self.job.extraction.batch_size, codecs_key=codecs,
+        )
+
+    def teacher_pass(self) -> TeacherPassResult:
+        spec = self._spec("outputs", outputs_key(self.zoo_fp, self.pool_fp), {"zoo": self.zoo_fp, "pool": self.pool_fp})
+        res = run_pass(spec, self.job, self.pool, [STATS_SIDE], self.log)
+        self.teacher_forwards += res.teacher_forwards
+        self.outputs = res.dataset
+        data = res.dataset.read_all(["index", "logits"])
+        if not np.array_equal(data["index"], np.arange(len(self.pool))):
+            raise AmalgamError(f"{self.loc.uri_of(res.dataset.key)}: rows are not the pool's samples in order")
+        return TeacherPassResult(sum_stats(res.dataset), torch.from_numpy(data["logits"]).float())
+
+    def fit(self, stats: dict[str, TapStats]) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
+        cfg = self.job.amalgamation
+        widths = resolve_widths(self.job, stats)
+        if cfg.strategy == "dfa":
+            wide = resolve_widths(self.job, stats, maximum=True)
+            stored = {tap: fit_pca(s, cfg.balance).codec(wide[tap]) for tap, s in stats.items()}
+        else:  # IFA's basis depends on the width: no prefix property, store exactly what is used
+            stored = {tap: fit_ifa(s, widths[tap], cfg.balance) for tap, s in stats.items()}
+        meta = {"mode": cfg.mode, "strategy": cfg.strategy, "balance": cfg.balance, "zoo": self.zoo_fp,
+                "pool": self.pool_fp}
+        codec_fp = codecs_fingerprint(stored, meta)
+        ckey = codecs_key(codec_fp)
+        if not self.loc.exists(f"{ckey}/codecs.json"):
+            save_codecs(self.loc, ckey, stored, meta)
+        spec = self._spec("codes", codes_key(codec_fp, self.pool_fp),
+                          {"zoo": self.zoo_fp, "pool": self.pool_fp, "codecs": codec_fp}, codecs=ckey)
+        res = run_pass(spec, self.job, self.pool, [], self.log)
+        self.teacher_forwards += res.teacher_forwards
+        self.codes = res.dataset
+        self.stored_widths = {tap: c.width for tap, c in stored.items()}
+        return {tap: c.prefix(widths[tap]) for tap, c in stored.items()}, {}
+
+    def epoch_batches(self, codecs: dict[str, LinearCodec], head_targets: torch.Tensor, student_norm: Normalize,
+                      batch_size: int, seed: int) -> Callable[[int], Iterator[dict]]:
+        assert self.codes is not None, "fit() first"
+        codes_ds = self.codes
+        widths = {tap: c.width for tap, c in codecs.items()}
+        columns = ["index", "image", *(f"code.{t}" for t in codecs)]
+
+        def epoch_batches(epoch: int) -> Iterator[dict]:
+            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+            order = torch.randperm(len(codes_ds.manifest.shards), generator=gen).tolist()
+            for table in codes_ds.iter_shards(columns, order):
+                cols = {n: torch.from_numpy(column_to_numpy(table.column(n))) for n in columns}
+                perm = torch.randperm(table.num_rows, generator=gen)
+                for i in range(0, table.num_rows, batch_size):
+                    p = perm[i : i + batch_size]
+                    with torch.no_grad():
+                        batch_codes = {t: cols[f"code.{t}"][p, : widths[t]].float() for t in codecs}
+                        batch_codes["head"] = head_targets[cols["index"][p]]
+                        image = student_norm(cols["image"][p].float().div_(255.0))
+                    yield {"image": image, "codes": batch_codes}
+
+        return epoch_batches
+
+
+def store_source_factory(address: str | None = None):
+    return lambda job, teachers, pool, log: StoreSource(job, teachers, pool, log, address)
+
+
+def describe(ds: Dataset) -> str:
+    m = ds.manifest
+    return json.dumps({"key": m.key, "kind": m.kind, "rows": m.num_rows, "shards": len(m.shards)})

@@ -1,0 +1,259 @@
+"""Sharded Parquet datasets with a commit protocol.
+
+A dataset is a directory (``<store>/<key>/``) of shards plus one ``manifest.json``.
+
+Writing: shard ``i`` always covers the same rows (rows ``[i*S, (i+1)*S)`` of the pool
+order), so a resumed extraction knows exactly what is missing. Each shard lands
+atomically under its final name (temp + rename locally; a whole PUT on S3), next to its
+per-shard side files (for example its share of the PCA statistics, which are sums). The
+manifest (shard list, row counts, per-shard SHA-256, column shapes and dtypes,
+fingerprints, format version, creation info) is written last and atomically: a dataset
+without a manifest is not committed, and no reader uses it.
+
+Reading: :class:`Dataset` refuses a missing manifest, an unknown format version, or a
+shard whose checksum differs (one line naming the shard). Tensor columns use Arrow's
+canonical fixed-shape tensor type, which Ray Data reads as ndarrays
+(``read_parquet(...).iter_torch_batches()``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from amalgam.errors import AmalgamError
+from amalgam.store.location import StoreLocation
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ColumnInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[int]  # per row; [] for scalars
+    dtype: str
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    file: str  # relative to the dataset directory
+    rows: int
+    sha256: str
+    side_files: dict[str, str] = Field(default_factory=dict)  # name -> sha256
+
+
+class DatasetManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = FORMAT_VERSION
+    kind: str
+    key: str
+    fingerprints: dict[str, str]
+    num_rows: int
+    shard_size: int
+    shards: list[ShardInfo]
+    columns: list[ColumnInfo]
+    extra: dict = Field(default_factory=dict)
+    created_at: str
+    created_by: dict[str, str]
+
+
+def shard_file(i: int) -> str:
+    return f"shards/shard-{i:05d}.parquet"
+
+
+def side_file(i: int, name: str) -> str:
+    return f"shards/shard-{i:05d}.{name}"
+
+
+def tensor_column(x: np.ndarray) -> pa.Array:
+    """[N, *shape] ndarray -> Arrow fixed-shape tensor column (scalars stay plain columns)."""
+    if x.ndim == 1:
+        return pa.array(x)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(x))
+
+
+def column_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    if isinstance(arr.type, pa.FixedShapeTensorType):
+        return arr.to_numpy_ndarray()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class DatasetWriter:
+    """Writes the shards of one dataset, resumably, then commits its manifest."""
+
+    def __init__(self, loc: StoreLocation, key: str, kind: str, fingerprints: dict[str, str], num_rows: int,
+                 shard_size: int):
+        self.loc, self.key, self.kind = loc, key.strip("/"), kind
+        self.fingerprints, self.num_rows, self.shard_size = fingerprints, num_rows, shard_size
+        self.num_shards = max(1, -(-num_rows // shard_size))
+
+    def rel(self, name: str) -> str:
+        return f"{self.key}/{name}"
+
+    def shard_rows(self, i: int) -> range:
+        return range(i * self.shard_size, min(self.num_rows, (i + 1) * self.shard_size))
+
+    def committed(self) -> bool:
+        return self.loc.exists(self.rel(MANIFEST))
+
+    def done_shards(self, side_names: list[str] = ()) -> set[int]:
+        """Shards already written whole (with all their side files): a resume skips them."""
+        present = {info.path.rsplit("/", 1)[1] for info in self.loc.list_dir(self.rel("shards"))}
+        return {
+            i for i in range(self.num_shards)
+            if shard_file(i).split("/")[1] in present and all(side_file(i, n).split("/")[1] in present for n in side_names)
+        }
+
+    def write_shard(self, i: int, table: pa.Table, side: dict[str, bytes] | None = None) -> None:
+        """Side files first, the shard last: a shard's presence implies its side files are there."""
+        expected = len(self.shard_rows(i))
+        if table.num_rows != expected:
+            raise ValueError(f"shard {i} of {self.key} has {table.num_rows} rows, expected {expected}")
+        for name, data in (side or {}).items():
+            self.loc.write_bytes(self.rel(side_file(i, name)), data)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.loc.write_bytes(self.rel(shard_file(i)), buf.getvalue())
+
+    def commit(self, side_names: list[str] = (), extra: dict | None = None) -> DatasetManifest:
+        """Checksum every shard as stored and write the manifest last."""
+        missing = sorted(set(range(self.num_shards)) - self.done_shards(side_names))
+        if missing:
+            raise AmalgamError(f"{self.loc.uri_of(self.key)}: cannot commit, shard {missing[0]} is missing")
+        shards, columns = [], None
+        for i in range(self.num_shards):
+            data = self.loc.read_bytes(self.rel(shard_file(i)))
+            table = pq.read_table(io.BytesIO(data))
+            if table.num_rows != len(self.shard_rows(i)):
+                raise AmalgamError(f"{self.loc.uri_of(self.rel(shard_file(i)))}: {table.num_rows} rows, expected "
+                                   f"{len(self.shard_rows(i))}")
+            if columns is None:
+                columns = [_column_info(table, name) for name in table.column_names]
+            sides = {n: _sha256(self.loc.read_bytes(self.rel(side_file(i, n)))) for n in side_names}
+            shards.append(ShardInfo(index=i, file=shard_file(i), rows=table.num_rows, sha256=_sha256(data), side_files=sides))
+        manifest = DatasetManifest(
+            kind=self.kind, key=self.key, fingerprints=self.fingerprints, num_rows=self.num_rows,
+            shard_size=self.shard_size, shards=shards, columns=columns or [], extra=extra or {},
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            created_by={"host": platform.node(), "user": _user(), "pid": str(os.getpid())},
+        )
+        self.loc.write_bytes(self.rel(MANIFEST), manifest.model_dump_json(indent=1).encode())
+        return manifest
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+def _column_info(table: pa.Table, name: str) -> ColumnInfo:
+    t = table.schema.field(name).type
+    if isinstance(t, pa.FixedShapeTensorType):
+        return ColumnInfo(name=name, shape=list(t.shape), dtype=str(t.value_type))
+    return ColumnInfo(name=name, shape=[], dtype=str(t))
+
+
+@dataclass
+class Dataset:
+    """A committed dataset, opened for reading."""
+
+    loc: StoreLocation
+    manifest: DatasetManifest
+
+    @classmethod
+    def open(cls, loc: StoreLocation, key: str) -> "Dataset":
+        key = key.strip("/")
+        uri = loc.uri_of(f"{key}/{MANIFEST}")
+        if not loc.exists(f"{key}/{MANIFEST}"):
+            raise AmalgamError(f"{loc.uri_of(key)}: no manifest, the dataset was never committed")
+        try:
+            raw = json.loads(loc.read_bytes(f"{key}/{MANIFEST}"))
+        except json.JSONDecodeError:
+            raise AmalgamError(f"{uri}: manifest is not valid JSON") from None
+        if isinstance(raw, dict) and raw.get("version") != FORMAT_VERSION:
+            raise AmalgamError(f"{uri}: format version {raw.get('version')}, this amalgam reads {FORMAT_VERSION}")
+        try:
+            manifest = DatasetManifest.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise AmalgamError(f"{uri}: field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        for s in manifest.shards:  # a manifest may only name files inside its own dataset
+            for f in [s.file, *(side_file(s.index, n) for n in s.side_files)]:
+                if f.startswith("/") or ".." in f.split("/") or "://" in f:
+                    raise AmalgamError(f"{uri}: shard {s.index} points outside its dataset ({f})")
+        return cls(loc, manifest)
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+    def shard_uri(self, s: ShardInfo) -> str:
+        return self.loc.uri_of(f"{self.key}/{s.file}")
+
+    def _read_checked(self, rel: str, sha: str, what: str) -> bytes:
+        data = self.loc.read_bytes(f"{self.key}/{rel}")
+        if _sha256(data) != sha:
+            raise AmalgamError(f"{self.loc.uri_of(f'{self.key}/{rel}')}: checksum mismatch ({what} is corrupt)")
+        return data
+
+    def read_shard(self, s: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+        data = self._read_checked(s.file, s.sha256, f"shard {s.index}")
+        try:
+            return pq.read_table(io.BytesIO(data), columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise AmalgamError(f"{self.shard_uri(s)}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
+
+    def read_side(self, s: ShardInfo, name: str) -> bytes:
+        return self._read_checked(side_file(s.index, name), s.side_files[name], f"side file {name} of shard {s.index}")
+
+    def verify(self) -> int:
+        """Check every shard and side file against the manifest; return the number of rows."""
+        rows = 0
+        for s in self.manifest.shards:
+            t = self.read_shard(s, columns=[self.manifest.columns[0].name])
+            if t.num_rows != s.rows:
+                raise AmalgamError(f"{self.shard_uri(s)}: {t.num_rows} rows, manifest says {s.rows}")
+            for name in s.side_files:
+                self.read_side(s, name)
+            rows += s.rows
+        if rows != self.manifest.num_rows:
+            raise AmalgamError(f"{self.loc.uri_of(self.key)}: {rows} rows in shards, manifest says {self.manifest.num_rows}")
+        return rows
+
+    def iter_shards(self, columns: list[str] | None = None, order: list[int] | None = None) -> Iterator[pa.Table]:
+        shards = self.manifest.shards
+        for i in order if order is not None else range(len(shards)):
+            yield self.read_shard(shards[i], columns)
+
+    def read_all(self, columns: list[str] | None = None) -> dict[str, np.ndarray]:
+        tables = list(self.iter_shards(columns))
+        table = pa.concat_tables(tables)
+        return {name: column_to_numpy(table.column(name)) for name in table.column_names}
+
+    def ray_dataset(self, columns: list[str] | None = None):
+        """The same shards as a Ray Dataset (for distributed consumers: ``iter_torch_batches``)."""
+        import ray.data
+
+        paths = [self.loc.path(f"{self.key}/{s.file}") for s in self.manifest.shards]
+        return ray.data.read_parquet(paths, filesystem=self.loc.fs, columns=columns)

@@ -1,0 +1,161 @@
+"""Where a store lives: a local directory or an S3 prefix, behind one ``pyarrow.fs`` interface.
+
+``open_store("/data/store")``, ``open_store("file:///data/store")`` and
+``open_store("s3://bucket/prefix")`` return a :class:`StoreLocation`. S3 settings come from
+the standard AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``), which
+a job's ``store.s3`` section may override (never the credentials: those stay in the
+environment or a Kubernetes Secret, so they never land in a job file or a report).
+
+Every operation goes through :meth:`StoreLocation.retry`: transient errors are retried
+with exponential backoff, then reported as one line naming the object.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict
+
+from amalgam.errors import AmalgamError
+
+T = TypeVar("T")
+
+
+class S3Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+@dataclass
+class StoreLocation:
+    uri: str  # as the user wrote it, normalised (no trailing slash)
+    fs: pafs.FileSystem
+    root: str  # path of the store's root inside ``fs``
+    retries: int = 4
+    backoff_s: float = 0.2
+    _is_s3: bool = field(default=False)
+
+    @property
+    def is_s3(self) -> bool:
+        return self._is_s3
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}".rstrip("/") if rel else self.root
+
+    def uri_of(self, rel: str) -> str:
+        return f"{self.uri}/{rel}" if rel else self.uri
+
+    def retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with bounded retries on I/O errors; one-line error naming ``what`` at the end."""
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except (OSError, IOError) as exc:  # pyarrow raises OSError for network and S3 errors
+                if attempt == self.retries:
+                    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise AmalgamError(f"{what}: failed after {self.retries + 1} attempts: {msg}") from None
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    # Small, whole-object operations. Large shards are written with pyarrow.parquet directly.
+    def exists(self, rel: str) -> bool:
+        info = self.retry(self.uri_of(rel), lambda: self.fs.get_file_info(self.path(rel)))
+        return info.type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        def read() -> bytes:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+
+        try:
+            return self.retry(self.uri_of(rel), read)
+        except FileNotFoundError:
+            raise AmalgamError(f"{self.uri_of(rel)}: not found") from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic: readers see the old object or the whole new one, never a part.
+
+        Locally the bytes go to a unique temporary name and are renamed into place; on S3 a
+        PUT is already all-or-nothing.
+        """
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+
+        def write() -> None:
+            if not self.is_s3:
+                self.fs.create_dir(parent, recursive=True)
+                tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                self.fs.move(tmp, target)
+            else:
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+
+        self.retry(self.uri_of(rel), write)
+
+    def list_dir(self, rel: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=recursive)
+        return self.retry(self.uri_of(rel), lambda: self.fs.get_file_info(sel))
+
+    def delete_dir(self, rel: str) -> None:
+        self.retry(self.uri_of(rel), lambda: self.fs.delete_dir(self.path(rel)))
+
+    def free_bytes(self) -> int | None:
+        """Free space at a local store (None for S3: no meaningful bound)."""
+        if self.is_s3:
+            return None
+        p = Path(self.root)
+        while not p.exists():
+            p = p.parent
+        import shutil
+
+        return shutil.disk_usage(p).free
+
+
+def _s3_filesystem(uri: str, options: S3Options | None) -> pafs.S3FileSystem:
+    env = os.environ
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        raise AmalgamError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    endpoint = (options.endpoint_url if options else None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = (options.region if options else None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict = {
+        "access_key": key,
+        "secret_key": secret,
+        "session_token": env.get("AWS_SESSION_TOKEN"),
+        "region": region,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or scheme
+        kwargs["scheme"] = scheme if host else "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def open_store(uri: str, s3: S3Options | None = None) -> StoreLocation:
+    uri = uri.rstrip("/")
+    if uri.startswith("s3://"):
+        bucket_prefix = uri[len("s3://") :]
+        if not bucket_prefix or bucket_prefix.startswith("/"):
+            raise AmalgamError(f"{uri}: an S3 store URI is s3://BUCKET[/PREFIX]")
+        return StoreLocation(uri, _s3_filesystem(uri, s3), bucket_prefix, _is_s3=True)
+    if "://" in uri and not uri.startswith("file://"):
+        raise AmalgamError(f"{uri}: unsupported store URI scheme (use a path, file:// or s3://)")
+    path = Path(uri.removeprefix("file://")).expanduser().resolve()
+    return StoreLocation(str(path), pafs.LocalFileSystem(), str(path))
