@@ -78,6 +78,10 @@ class Stages(_Strict):
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)
     closed_form_first: bool = Field(True, description="solve stage 1 by least squares (exact optimum)")
+    workers: int = Field(2, ge=1, description="Ray Train workers fitting stages in parallel")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
+    fail_at: dict | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 
 
 class Gate(_Strict):

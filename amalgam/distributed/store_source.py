@@ -96,25 +96,73 @@ class StoreSource:
     def epoch_batches(self, codecs: dict[str, LinearCodec], head_targets: torch.Tensor, student_norm: Normalize,
                       batch_size: int, seed: int) -> Callable[[int], Iterator[dict]]:
         assert self.codes is not None, "fit() first"
-        codes_ds = self.codes
-        widths = {tap: c.width for tap, c in codecs.items()}
-        columns = ["index", "image", *(f"code.{t}" for t in codecs)]
+        return store_epoch_batches(self.codes, {tap: c.width for tap, c in codecs.items()}, head_targets,
+                                   student_norm, batch_size, seed)
 
-        def epoch_batches(epoch: int) -> Iterator[dict]:
-            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-            order = torch.randperm(len(codes_ds.manifest.shards), generator=gen).tolist()
-            for table in codes_ds.iter_shards(columns, order):
-                cols = {n: torch.from_numpy(column_to_numpy(table.column(n))) for n in columns}
-                perm = torch.randperm(table.num_rows, generator=gen)
-                for i in range(0, table.num_rows, batch_size):
-                    p = perm[i : i + batch_size]
-                    with torch.no_grad():
-                        batch_codes = {t: cols[f"code.{t}"][p, : widths[t]].float() for t in codecs}
-                        batch_codes["head"] = head_targets[cols["index"][p]]
-                        image = student_norm(cols["image"][p].float().div_(255.0))
-                    yield {"image": image, "codes": batch_codes}
 
-        return epoch_batches
+    def fit_stages(self, specs, nets, target_var, head_targets, student_config, input_spec, widths, steps, run_dir):
+        """All stages in parallel on Ray Train; loads the trained layers into ``nets``."""
+        from amalgam.distributed.train_stages import StageJob, assign_stages, fit_stages_on_ray, stage_costs
+
+        st = self.job.stages
+        shapes = {}
+        size = input_spec.shape
+        for s in specs:
+            if s.input_tap is None:
+                shapes[s.name] = tuple(size)
+            else:
+                code = self.codes.manifest.columns
+                shape = next(c.shape for c in code if c.name == f"code.{s.input_tap}")
+                shapes[s.name] = (widths[s.input_tap], *shape[1:])
+        costs = stage_costs(nets, specs, shapes, st.closed_form_first)
+        workers = min(st.workers, len(specs))
+        job = StageJob(
+            student_config=student_config.model_dump(), input_spec=input_spec.model_dump(), specs=specs,
+            widths=widths, target_var=target_var, head_targets=head_targets, store_uri=self.job.store_uri(),
+            s3=self.job.store.s3.model_dump(), codes_key=self.codes.key, epochs=st.epochs, steps_per_epoch=steps,
+            lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
+            assignment=assign_stages(costs, workers), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at,
+        )
+        states, curves = fit_stages_on_ray(job, run_dir, workers, st.cpus_per_worker, st.max_failures, self.log)
+        for name, state in states.items():
+            nets[name].load_state_dict(state)
+        return curves
+
+
+def store_epoch_batches(
+    codes_ds: Dataset,
+    widths: dict[str, int],
+    head_targets: torch.Tensor,
+    student_norm: Normalize,
+    batch_size: int,
+    seed: int,
+    taps: list[str] | None = None,
+    with_image: bool = True,
+) -> Callable[[int], Iterator[dict]]:
+    """Shuffled batches per epoch (shard order, then rows within a shard), codes cut to ``widths``.
+
+    The shuffle depends only on ``seed`` and the epoch, never on which columns are read,
+    so a Ray Train worker reading only its stages' taps sees exactly the batches the
+    driver would: each stage trains identically wherever it runs.
+    """
+    taps = list(widths) if taps is None else taps
+    columns = ["index", *(["image"] if with_image else []), *(f"code.{t}" for t in taps)]
+
+    def epoch_batches(epoch: int) -> Iterator[dict]:
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(codes_ds.manifest.shards), generator=gen).tolist()
+        for table in codes_ds.iter_shards(columns, order):
+            cols = {n: torch.from_numpy(column_to_numpy(table.column(n))) for n in columns}
+            perm = torch.randperm(table.num_rows, generator=gen)
+            for i in range(0, table.num_rows, batch_size):
+                p = perm[i : i + batch_size]
+                with torch.no_grad():
+                    batch_codes = {t: cols[f"code.{t}"][p, : widths[t]].float() for t in taps}
+                    batch_codes["head"] = head_targets[cols["index"][p]]
+                    image = student_norm(cols["image"][p].float().div_(255.0)) if with_image else None
+                yield {"image": image, "codes": batch_codes}
+
+    return epoch_batches
 
 
 def store_source_factory(address: str | None = None):

@@ -279,11 +279,14 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
     target_var = {tap: float(c.code_moments(tp.stats[tap])[1].mean()) for tap, c in codecs.items()}
     target_var["head"] = float(targets.var(0).mean())
     steps = -(-len(pool) // job.stages.batch_size)
-    curves = fit_stages(
-        specs, nets, target_var,
-        source.epoch_batches(codecs, targets, student_norm, job.stages.batch_size, job.seed),
-        job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
-    )
+    if hasattr(source, "fit_stages"):  # the source fits stages elsewhere (Ray Train workers)
+        curves = source.fit_stages(specs, nets, target_var, targets, s_cfg, s_spec, widths, steps, run_dir)
+    else:
+        curves = fit_stages(
+            specs, nets, target_var,
+            source.epoch_batches(codecs, targets, student_norm, job.stages.batch_size, job.seed),
+            job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
+        )
     student = DeployedStudent(assemble(skeleton, nets), s_spec)
     t0 = lap("stages", t0)
     after_stages = evaluate_logits(predict_logits(student, test.images), test_labels, space)

@@ -176,6 +176,17 @@ class StageFitter:
         self._sum, self._n = 0.0, 0
         return mean
 
+    def state_dict(self) -> dict:
+        """Everything needed to resume this stage mid-training (a checkpoint's content)."""
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "curve": list(self.curve)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.curve = list(state["curve"])
+
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> float:
         self.net.eval()
