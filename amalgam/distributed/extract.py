@@ -14,17 +14,27 @@ class (Ray Data's pattern for stateful models): an actor loads and verifies the 
 once, then turns shard indices into written shards. Shards already in the store are
 skipped, so a killed extraction resumes where it stopped; the manifest is written last.
 Both passes call the engine (:func:`capture_teachers`, :class:`TapStats`, codecs): no
-algorithm is copied here.
+algorithm is copied here. The per-shard work (:func:`compute_rows` + :func:`shard_table`)
+is one function shared by the Ray actors, the driver's capacity planner and the
+single-process loop of ``bench/extract.py``, so all three do exactly the same work.
+
+Before a pass starts, the driver measures one small batch (teacher forwards, encoding,
+zstd Parquet bytes) and prints the expected bytes and time; a local store without the
+space is refused in one line before any teacher runs (:func:`check_capacity`).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -35,12 +45,13 @@ from amalgam.engine.capture import capture_teachers
 from amalgam.errors import AmalgamError
 from amalgam.job import Job
 from amalgam.store.codecs import load_codecs, stats_from_bytes, stats_to_bytes
-from amalgam.store.dataset import Dataset, DatasetWriter, tensor_column
+from amalgam.store.dataset import PARQUET_COMPRESSION, Dataset, DatasetWriter, tensor_column
 from amalgam.store.fingerprint import short, zoo_fingerprint
 from amalgam.store.location import S3Options, StoreLocation, open_store
 from amalgam.zoo.manifest import load_zoo
 
 STATS_SIDE = "stats.safetensors"
+PLAN_ROWS = 64  # rows the driver extracts to plan a pass
 
 
 def outputs_key(zoo_fp: str, pool_fp: str) -> str:
@@ -104,52 +115,166 @@ class ShardExtractor:
         return {"shard": np.array(shards), "rows": np.array(rows), "teacher_forwards": np.array(forwards),
                 "seconds": np.array(seconds)}
 
-    @torch.no_grad()
     def _extract(self, shard: int) -> int:
         rows = self.writer.shard_rows(shard)
-        idx = torch.arange(rows.start, rows.stop)
-        infos = [{i.name: i for i in t.taps()} for t in self.teachers]
-        stats = {tap: TapStats([inf[tap].channels for inf in infos], infos[0][tap].kind) for tap in self.taps}
-        logits, codes = [], {tap: [] for tap in self.codecs}
-        for start in range(0, len(idx), self.spec.batch_size):
-            b = idx[start : start + self.spec.batch_size]
-            out, feats = capture_teachers(self.teachers, to_float(self.images[b]).to(self.device))
-            logits.append(torch.cat(out, 1).float().cpu())
-            if self.spec.kind == "outputs":
-                for tap in self.taps:
-                    stats[tap].update([f[tap].cpu() for f in feats])
-            else:
-                for tap, codec in self.codecs.items():
-                    codes[tap].append(codec.encode(torch.cat([f[tap] for f in feats], 1)).half().cpu())
-        columns = {
-            "index": pa.array(idx.numpy().astype(np.int64)),
-            "sample_id": pa.array([self.ids[j] for j in rows]),
-            "logits": tensor_column(torch.cat(logits).numpy()),
-        }
-        side = None
-        if self.spec.kind == "outputs":
-            side = {STATS_SIDE: stats_to_bytes(stats)}
+        cols = compute_rows(self.spec.kind, self.teachers, self.codecs, self.taps, self.images[rows.start:rows.stop],
+                            self.spec.batch_size, self.device)
+        table, side = shard_table(self.spec.kind, rows, self.ids, self.images, cols)
+        self.writer.write_shard(shard, table, side)
+        return len(rows)
+
+
+@dataclass
+class ShardColumns:
+    """One shard's computed values, before they become Arrow columns."""
+
+    logits: torch.Tensor  # float32 [n, classes of all teachers]
+    codes: dict[str, torch.Tensor]  # tap -> float16 [n, width, ...] (codes pass)
+    stats: dict[str, TapStats] | None  # the rows' share of every tap's statistics (outputs pass)
+
+
+@torch.no_grad()
+def compute_rows(kind: str, teachers: list, codecs: dict[str, LinearCodec], taps: list[str], images: torch.Tensor,
+                 batch_size: int, device: torch.device | str = "cpu") -> ShardColumns:
+    """Teacher forwards over ``images`` (uint8) in batches: logits plus statistics or codes.
+
+    The one definition of a shard's content: actors, the capacity planner and the bench's
+    single-process loop all call it.
+    """
+    infos = [{i.name: i for i in t.taps()} for t in teachers]
+    stats = {tap: TapStats([inf[tap].channels for inf in infos], infos[0][tap].kind) for tap in taps} \
+        if kind == "outputs" else None
+    logits, codes = [], {tap: [] for tap in codecs}
+    for start in range(0, len(images), batch_size):
+        out, feats = capture_teachers(teachers, to_float(images[start : start + batch_size]).to(device))
+        logits.append(torch.cat(out, 1).float().cpu())
+        if stats is not None:
+            for tap in taps:
+                stats[tap].update([f[tap].cpu() for f in feats])
         else:
-            columns["image"] = tensor_column(self.images[idx].numpy())
-            for tap, parts in codes.items():
-                columns[f"code.{tap}"] = tensor_column(torch.cat(parts).numpy())
-        self.writer.write_shard(shard, pa.table(columns), side)
-        return len(idx)
+            for tap, codec in codecs.items():
+                codes[tap].append(codec.encode(torch.cat([f[tap] for f in feats], 1)).half().cpu())
+    return ShardColumns(torch.cat(logits), {tap: torch.cat(parts) for tap, parts in codes.items()}, stats)
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to ``address`` or start an embedded local Ray (on loopback), once per process."""
+def shard_table(kind: str, rows: range, ids: list[str], images: torch.Tensor,
+                cols: ShardColumns) -> tuple[pa.Table, dict[str, bytes] | None]:
+    """A shard's Arrow table (pool rows ``rows``) and side files; ``ids``/``images`` are the whole pool's."""
+    columns = {
+        "index": pa.array(np.arange(rows.start, rows.stop, dtype=np.int64)),
+        "sample_id": pa.array(ids[rows.start : rows.stop]),
+        "logits": tensor_column(cols.logits.numpy()),
+    }
+    if kind == "outputs":
+        assert cols.stats is not None
+        return pa.table(columns), {STATS_SIDE: stats_to_bytes(cols.stats)}
+    columns["image"] = tensor_column(images[rows.start : rows.stop].numpy())
+    for tap, code in cols.codes.items():
+        columns[f"code.{tap}"] = tensor_column(code.numpy())
+    return pa.table(columns), None
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """The bytes a shard takes in the store (the writer's exact Parquet settings)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=PARQUET_COMPRESSION)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    """What a pass will write and roughly how long it will take, from one measured batch."""
+
+    samples: int
+    shards: int
+    bytes: int
+    seconds: float
+    measured_rows: int
+
+    def line(self, kind: str, parallel: int) -> str:
+        return (f"[extract] plan: {kind}: {self.samples} samples in {self.shards} shards, ~{_mb(self.bytes)} MB, "
+                f"~{self.seconds:.1f} s of teacher work on {parallel} actor{'s' if parallel != 1 else ''} "
+                f"(+ actor start-up; measured on {self.measured_rows} samples)")
+
+
+def _mb(n: int | float) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+def check_capacity(uri: str, need_bytes: int, free_bytes: int | None) -> None:
+    """Refuse, in one line, a pass whose expected bytes exceed the target's free space.
+
+    ``free_bytes`` is None where there is no meaningful bound (S3): nothing to check.
+    """
+    if free_bytes is not None and need_bytes > free_bytes:
+        raise AmalgamError(f"{uri}: needs ~{_mb(need_bytes)} MB, only {_mb(free_bytes)} MB free")
+
+
+def measure_plan(spec: PassSpec, teachers: list, codecs: dict[str, LinearCodec], taps: list[str], pool: Pool,
+                 writer: DatasetWriter, todo: list[int], parallel: int, sample_rows: int = PLAN_ROWS) -> CapacityPlan:
+    """Run the real shard work on the first ``sample_rows`` rows still to do, in this process, and extrapolate.
+
+    Bytes: that batch's zstd Parquet bytes per row times the rows to write, plus the side
+    files (whose size does not depend on the rows: statistics are per-tap sums) per shard.
+    Time: seconds per row, with the actors' torch threads, times rows over ``parallel``
+    actors (a warm-up batch first, so one-off initialisation is not extrapolated).
+    """
+    first = writer.shard_rows(todo[0])
+    rows = range(first.start, min(first.stop, first.start + sample_rows))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.torch_threads)
+    try:
+        compute_rows(spec.kind, teachers, codecs, taps, pool.images[rows.start : rows.start + 4], spec.batch_size)
+        t0 = time.perf_counter()
+        cols = compute_rows(spec.kind, teachers, codecs, taps, pool.images[rows.start : rows.stop], spec.batch_size)
+        table, side = shard_table(spec.kind, rows, pool.ids, pool.images, cols)
+        data = parquet_bytes(table)
+        secs = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    total = sum(len(writer.shard_rows(i)) for i in todo)
+    side_bytes = sum(len(v) for v in (side or {}).values())
+    need = int(len(data) / len(rows) * total) + side_bytes * len(todo)
+    return CapacityPlan(total, len(todo), need, secs / len(rows) * total / max(1, parallel), len(rows))
+
+
+def _check_worker_s3_env(uri: str) -> None:
+    """Ray workers open the store themselves: fail in one line, before any actor starts, if they cannot.
+
+    Workers of an embedded Ray inherit the driver's environment as it was when Ray started;
+    on a cluster they take it from the pod (a Kubernetes Secret). Credentials are never
+    shipped through Ray (a runtime_env would record them in Ray's logs and dashboard):
+    only the names of missing variables come back.
+    """
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def missing() -> list[str]:
+        return [n for n in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if not os.environ.get(n)]
+
+    names = ray.get(missing.remote())
+    if names:
+        raise AmalgamError(f"{uri}: the Ray workers have no S3 credentials ({', '.join(names)} unset in their "
+                           "environment; set them before Ray starts, or in the cluster's Secret)")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``) or start an embedded local Ray, once per process.
+
+    With no address, a new local instance is started explicitly (``address="local"``):
+    a bare ``ray.init()`` would attach to whatever cluster ``ray start`` last left on this
+    machine, another user's included. ``num_cpus`` caps the embedded instance (tests).
+    """
     import ray
 
     if ray.is_initialized():
         return
-    import os
-
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     import logging
 
     import ray.data
@@ -170,8 +295,17 @@ class PassResult:
     reused: bool
 
 
-def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log=print) -> PassResult:
-    """Extract the shards of ``spec`` that the store lacks, on a Ray Data actor pool; commit."""
+def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: Callable[[str], None] = print,
+             teachers: list | None = None, free_bytes: int | None | Callable[[], int | None] = None) -> PassResult:
+    """Extract the shards of ``spec`` that the store lacks, on a Ray Data actor pool; commit.
+
+    A committed dataset is reused (no teacher runs); a partial one resumes from its
+    missing shards. Before any actor starts, the driver plans the pass (prints expected
+    bytes and time) and refuses it in one line if the store lacks the space.
+    ``teachers`` saves re-loading the zoo in the driver; ``free_bytes`` (bytes, or a
+    callable) replaces the store's measured free space, for callers that reserve space
+    for other outputs.
+    """
     import ray
     import ray.data
 
@@ -187,14 +321,25 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log=pr
     t0 = time.perf_counter()
     forwards = 0
     if todo:
+        ext = job.extraction
+        parallel = min(ext.actors, len(todo))
+        if teachers is None:
+            _, teachers = load_zoo(spec.zoo_path)
+        codecs = load_codecs(loc, spec.codecs_key)[0] if spec.codecs_key else {}
+        taps = [i.name for i in teachers[0].taps()][:-1]
+        plan = measure_plan(spec, teachers, codecs, taps, pool, writer, todo, parallel)
+        log(plan.line(spec.kind, parallel))
+        free = free_bytes() if callable(free_bytes) else free_bytes
+        check_capacity(loc.uri_of(spec.key), plan.bytes, loc.free_bytes() if free is None else free)
+        if loc.is_s3:
+            _check_worker_s3_env(loc.uri)
         images_ref = [ray.put(pool.images.numpy())]
         ids_ref = [ray.put(pool.ids)]
-        ext = job.extraction
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         out = ds.map_batches(
             ShardExtractor,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(ext.actors, len(todo))),
+            compute=ray.data.ActorPoolStrategy(size=parallel),
             num_cpus=ext.cpus_per_actor,
             num_gpus=ext.gpus_per_actor,
             fn_constructor_kwargs={"spec": spec, "images_ref": images_ref, "ids_ref": ids_ref},

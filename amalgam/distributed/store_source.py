@@ -8,6 +8,7 @@ basis, so one extraction serves every width a sweep asks for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Callable, Iterator
 
@@ -19,7 +20,7 @@ from amalgam.engine.amalgamate import LinearCodec, TapStats, fit_ifa, fit_pca
 from amalgam.engine.run_local import TeacherPassResult, resolve_widths
 from amalgam.errors import AmalgamError
 from amalgam.job import Job
-from amalgam.store.codecs import codecs_fingerprint, load_codecs, save_codecs
+from amalgam.store.codecs import load_codecs, save_codecs
 from amalgam.store.dataset import Dataset, column_to_numpy
 from amalgam.store.fingerprint import zoo_fingerprint
 from amalgam.zoo.manifest import Normalize, Teacher
@@ -72,18 +73,27 @@ class StoreSource:
         return TeacherPassResult(sum_stats(res.dataset), torch.from_numpy(data["logits"]).float())
 
     def fit(self, stats: dict[str, TapStats]) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
+        """Fit (or reuse) the codecs, then make sure the codes at their width are stored.
+
+        The codecs are keyed by what determines them (zoo, pool, mode, balancing, widths), not
+        by their fitted values: refitting in another process can differ in the last float bit,
+        and that must not orphan the stored codes.
+        """
         cfg = self.job.amalgamation
         widths = resolve_widths(self.job, stats)
-        if cfg.strategy == "dfa":
-            wide = resolve_widths(self.job, stats, maximum=True)
-            stored = {tap: fit_pca(s, cfg.balance).codec(wide[tap]) for tap, s in stats.items()}
-        else:  # IFA's basis depends on the width: no prefix property, store exactly what is used
-            stored = {tap: fit_ifa(s, widths[tap], cfg.balance) for tap, s in stats.items()}
+        stored_widths = resolve_widths(self.job, stats, maximum=True) if cfg.strategy == "dfa" else widths
         meta = {"mode": cfg.mode, "strategy": cfg.strategy, "balance": cfg.balance, "zoo": self.zoo_fp,
-                "pool": self.pool_fp}
-        codec_fp = codecs_fingerprint(stored, meta)
+                "pool": self.pool_fp, "widths": stored_widths}
+        codec_fp = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
         ckey = codecs_key(codec_fp)
-        if not self.loc.exists(f"{ckey}/codecs.json"):
+        if self.loc.exists(f"{ckey}/codecs.json"):
+            stored, _ = load_codecs(self.loc, ckey)
+            self.log(f"[amalgamate] reusing codecs at {self.loc.uri_of(ckey)}")
+        else:
+            if cfg.strategy == "dfa":
+                stored = {tap: fit_pca(s, cfg.balance).codec(stored_widths[tap]) for tap, s in stats.items()}
+            else:  # IFA's basis depends on the width: no prefix property, store exactly what is used
+                stored = {tap: fit_ifa(s, widths[tap], cfg.balance) for tap, s in stats.items()}
             save_codecs(self.loc, ckey, stored, meta)
         spec = self._spec("codes", codes_key(codec_fp, self.pool_fp),
                           {"zoo": self.zoo_fp, "pool": self.pool_fp, "codecs": codec_fp}, codecs=ckey)

@@ -114,7 +114,7 @@ def stage_worker(config: dict) -> None:
         s.name: StageFitter(s, nets[s.name], job.target_var[s.target_tap], job.lr, job.epochs * job.steps_per_epoch)
         for s in specs if s is not first
     }
-    start_epoch = 0
+    start_epoch = resumed = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -123,7 +123,7 @@ def stage_worker(config: dict) -> None:
             fitters[name].load_state_dict(st)
         if first is not None and "first" in state:
             nets[first.name].load_state_dict(state["first"])
-        start_epoch = state["epoch"] + 1
+        start_epoch = resumed = state["epoch"] + 1
         print(f"[stages] rank {rank}: restored {sorted(mine)} from checkpoint after epoch {start_epoch}")
     taps = sorted({t for s in specs for t in (s.input_tap, s.target_tap) if t and t != "head"})
     loc = open_store(job.store_uri, S3Options(**job.s3))
@@ -158,7 +158,8 @@ def stage_worker(config: dict) -> None:
             state["first"] = nets[first.name].state_dict()
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / _ckpt_file(rank))
-            ray.train.report({"epoch": epoch + 1, **{f"loss/{k}": v for k, v in losses.items()}},
+            ray.train.report({"epoch": epoch + 1, "resumed_after_epoch": resumed,
+                              **{f"loss/{k}": v for k, v in losses.items()}},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -180,6 +181,9 @@ def fit_stages_on_ray(job: StageJob, run_dir: Path, workers: int, cpus_per_worke
         ),
     )
     result = trainer.fit()
+    resumed = int(result.metrics.get("resumed_after_epoch", 0))
+    if resumed:
+        log(f"[stages] a worker was lost; the group restarted and restored from the checkpoint after epoch {resumed}")
     states: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
     with result.checkpoint.as_directory() as d:

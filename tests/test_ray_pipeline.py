@@ -1,0 +1,115 @@
+"""The distributed pipeline on a real local Ray: store extraction, stages on Ray Train, fault recovery.
+
+A tiny mnist-2 zoo trained here, a 1500-image pool, two Ray Train workers. The same job is
+run three ways: stages on Ray Train, stages in-process from the same store, and with a
+worker killed mid-stage (it must restart from the epoch checkpoint and finish).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from amalgam.cli import main
+from amalgam.distributed.train_stages import assign_stages
+from amalgam.zoo.train import train_zoo
+
+JOB = {
+    "version": 1,
+    "name": "tiny-ray",
+    "zoo": "zoo/zoo.yaml",
+    "pool": {"sources": [{"dataset": "mnist", "count": 1500}]},
+    "amalgamation": {"widths": {"default": 0.4}},
+    "stages": {"epochs": 3, "lr": 0.01, "workers": 2},
+    "joint": {"epochs": 1},
+    "baselines": {"kd": False, "supervised": False},
+    "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": 1000}]}, "latency": False},
+    "store": {"uri": "store"},
+    "extraction": {"actors": 1, "shard_size": 512},
+}
+
+
+def test_assignment_covers_every_stage_once_and_balances():
+    costs = {"conv1": 1.0, "conv2": 50.0, "conv3": 40.0, "fc1": 30.0, "head": 2.0}
+    for workers in (1, 2, 3, 5, 7):
+        groups = assign_stages(costs, workers)
+        flat = [s for g in groups for s in g]
+        assert sorted(flat) == sorted(costs) and len(flat) == len(set(flat))
+        assert len(groups) == workers
+    loads = sorted(sum(costs[s] for s in g) for g in assign_stages(costs, 2))
+    assert loads == [53.0, 70.0]  # LPT: conv2 -> w0, conv3 -> w1, fc1 -> w1, head and conv1 -> w0
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, data_root) -> Path:
+    d = tmp_path_factory.mktemp("ray_pipeline")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train_zoo("mnist-2", d / "zoo", data_root=data_root, limit=2000, epochs=2)
+    torch.set_num_threads(before)
+    yield d
+    import ray
+
+    ray.shutdown()
+
+
+def _run(workdir: Path, job: dict, out: str, *extra: str) -> dict:
+    path = workdir / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    assert main(["run", str(path), "--out", str(workdir / out), *extra]) == 0
+    return json.loads((workdir / out / "report.json").read_text())
+
+
+def _after_stages(report: dict) -> float:
+    return next(m for m in report["methods"] if m["name"] == "amalgamated: after stages")["metrics"]["comprehensive"]
+
+
+@pytest.mark.slow
+def test_ray_stages_match_in_process_stages_and_survive_a_killed_worker(workdir: Path, capfd):
+    ray_report = _run(workdir, JOB, "ray")
+    out = capfd.readouterr()
+    assert "Ray Train: 2 workers" in out.out + out.err
+    assert ray_report["extra"]["feature_source"] == "store (Ray extraction)"
+    acc_ray = _after_stages(ray_report)
+    assert acc_ray > 0.5  # 10 classes: far above chance even on this tiny budget
+
+    # Same store, same job, stages in the driver: the engine's own loop.
+    from amalgam.distributed.store_source import StoreSource
+    from amalgam.engine.run_local import run_local
+    from amalgam.job import load_job
+
+    class InDriver(StoreSource):
+        def __getattribute__(self, name):
+            if name == "fit_stages":
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    (workdir / "local.yaml").write_text(yaml.safe_dump(JOB))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each Ray Train worker (cpus_per_worker 1): same float reductions
+    res = run_local(load_job(workdir / "local.yaml"), workdir / "in-driver", log=lambda _m: None,
+                    source_factory=lambda j, t, p, log: InDriver(j, t, p, log))
+    torch.set_num_threads(before)
+    acc_local = next(r for r in res.results if r.name == "amalgamated: after stages").metrics.comprehensive
+    assert res.extra["teacher_forwards"] == 0  # everything came from the store
+    # Measured: identical (0.5557 both) when the two runs are separate CLI processes; 0.007 apart
+    # (7 of 1000 test images) when the in-driver run follows in this process. Unexplained yet.
+    assert abs(acc_ray - acc_local) <= 0.01
+
+    # Kill rank 0 in its third epoch: Ray Train restarts the group and ranks resume. (A death
+    # right after the first report can race that checkpoint's registration and restart from
+    # nothing, as Ray Train documents; dying one epoch later leaves a registered checkpoint.)
+    marker = workdir / "killed"
+    faulty = {**JOB, "stages": {**JOB["stages"], "fail_at": {"rank": 0, "epoch": 2, "marker": str(marker)}}}
+    report = _run(workdir, faulty, "faulty")
+    logs = capfd.readouterr()
+    text = logs.out + logs.err
+    assert marker.exists(), "the fault was not injected"
+    assert "fault injection, worker exits in epoch 3" in text
+    assert re.search(r"restored from the checkpoint after epoch [12]\b", text)
+    assert abs(_after_stages(report) - acc_ray) <= 0.01
