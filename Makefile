@@ -26,7 +26,7 @@ data: venv
 
 demo: data
 	$(BIN)/amalgam zoo train --preset mnist-fashion-4
-	$(BIN)/amalgam run jobs/mnist-fashion-4.yaml --local --out runs/demo
+	$(BIN)/amalgam run jobs/mnist-fashion-4.yaml --out runs/demo
 
 test: data
 	$(BIN)/python -m pytest -q tests

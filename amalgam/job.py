@@ -95,6 +95,8 @@ class Joint(_Strict):
         "calibrated", description="gated: mixture of experts with a label-free domain gate (engine/gating.py)"
     )
     gate: Gate = Field(default_factory=Gate)
+    workers: int = Field(2, ge=1, description="Ray Train DDP workers (store pipeline)")
+    cpus_per_worker: float = Field(1.0, gt=0)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)
     loss: Literal["kd", "mse"] = "kd"

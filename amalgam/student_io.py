@@ -79,6 +79,7 @@ class DeployedStudent(nn.Module):
         super().__init__()
         self.normalize = Normalize(input_spec.mean, input_spec.std)
         self.net = net
+        self.spec = input_spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))

@@ -139,6 +139,27 @@ class StoreSource:
         return curves
 
 
+    def train_joint(self, student, targets: torch.Tensor, run_dir) -> list[float]:
+        """The joint stage with DDP on Ray Train; images from the store via Ray Data."""
+        from amalgam.distributed.train_joint import JointJob, train_joint_on_ray
+
+        jc = self.job.joint
+        job = JointJob(
+            student_config=student.net.config.model_dump(), input_spec=student.spec.model_dump(),
+            initial=student.state_dict(), targets=targets, num_rows=len(self.pool), loss=jc.loss, epochs=jc.epochs,
+            lr=jc.lr, batch_size=jc.batch_size, temperature=jc.temperature, seed=self.job.seed,
+            threads=max(1, int(jc.cpus_per_worker)),
+        )
+        # Materialised before training: on a small cluster the DDP workers hold every CPU, and
+        # streaming reads would wait for a CPU forever. Images are ~1 KB a row.
+        dataset = self.codes.ray_dataset(columns=["index", "image"]).materialize()
+        state, curve = train_joint_on_ray(job, dataset, run_dir, jc.workers, jc.cpus_per_worker,
+                                          self.job.stages.max_failures, self.log)
+        student.load_state_dict(state)
+        student.eval()
+        return curve
+
+
 def store_epoch_batches(
     codes_ds: Dataset,
     widths: dict[str, int],

@@ -36,6 +36,7 @@ from amalgam.engine.stages import (
     stage_input,
 )
 from amalgam.engine.student import build_student
+from amalgam.distributed.runs import run_fingerprint
 from amalgam.zoo.arch import CNNConfig
 from amalgam.zoo.manifest import InputSpec, Normalize
 
@@ -175,7 +176,7 @@ def fit_stages_on_ray(job: StageJob, run_dir: Path, workers: int, cpus_per_worke
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
-            name="stages", storage_path=str(run_dir.resolve() / "ray"),
+            name=f"stages-{run_fingerprint(job)}", storage_path=str(run_dir.resolve() / "ray"),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

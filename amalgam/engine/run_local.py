@@ -299,10 +299,13 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
         gate = fit_gate(pool.images, targets, space.slices, s_spec, job.joint.gate.epochs, job.joint.gate.keep,
                         job.joint.lr, job.seed, log)
         joint_target = gate_and_target(gate, pool.images, targets, space.slices)
-    joint_curve = train_end_to_end(
-        student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
-        job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
-    ) if job.joint.epochs else []
+    if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
+        joint_curve = source.train_joint(student, joint_target, run_dir)
+    else:
+        joint_curve = train_end_to_end(
+            student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
+            job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
+        ) if job.joint.epochs else []
     t0 = lap("joint", t0)
 
     # 6. baselines and evaluation

@@ -1,0 +1,119 @@
+"""The joint stage, data-parallel: DDP across Ray Train workers, no teacher forward.
+
+Images stream from the store's codes dataset through Ray Data (each worker gets a shard of
+the pool); the targets (calibrated or gated teacher outputs, computed once on the driver
+from the stored logits) are looked up by row index. The loss is the engine's
+:func:`~amalgam.engine.joint.distill_loss`. Rank 0 checkpoints the model and optimiser
+after every epoch, so a lost worker costs at most one epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from amalgam.engine.joint import distill_loss
+from amalgam.student_io import DeployedStudent
+from amalgam.distributed.runs import run_fingerprint
+from amalgam.zoo.arch import CNNConfig, TappedCNN
+from amalgam.zoo.manifest import InputSpec
+
+
+@dataclass
+class JointJob:
+    student_config: dict
+    input_spec: dict
+    initial: dict  # the assembled student's state (DeployedStudent)
+    targets: torch.Tensor  # [N, C] by pool row index
+    num_rows: int
+    loss: str
+    epochs: int
+    lr: float
+    batch_size: int
+    temperature: float
+    seed: int
+    threads: int = 1
+
+
+def joint_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    job: JointJob = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(job.seed)
+    model = DeployedStudent(TappedCNN(CNNConfig(**job.student_config)), InputSpec(**job.input_spec))
+    model.load_state_dict(job.initial)
+    opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=1e-4)
+    steps = job.epochs * math.ceil(job.num_rows / world / job.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=job.lr, total_steps=max(1, steps), pct_start=0.15)
+    start = 0
+    curve: list[float] = []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "joint.pt", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["epoch"] + 1
+        curve = list(state["curve"])
+        print(f"[joint] rank {rank}: restored from checkpoint after epoch {start}")
+    ddp = ray.train.torch.prepare_model(model)
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, job.epochs):
+        ddp.train()
+        total, n = 0.0, 0
+        for batch in shard.iter_torch_batches(batch_size=job.batch_size, local_shuffle_buffer_size=2048,
+                                              local_shuffle_seed=job.seed * 1000 + epoch, device="cpu"):
+            x = batch["image"].float().div_(255.0)
+            target = job.targets[batch["index"].long()]
+            loss = distill_loss(ddp(x), target, job.loss, job.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched.last_epoch + 1 < sched.total_steps:
+                sched.step()
+            total += loss.item()
+            n += 1
+        mean = total / max(1, n)
+        curve.append(mean)
+        if rank == 0:
+            print(f"[joint] epoch {epoch + 1}/{job.epochs}: loss {mean:.4f} ({world} workers)")
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "epoch": epoch, "curve": curve}, Path(d) / "joint.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"epoch": epoch + 1, "loss": mean}, checkpoint=checkpoint)
+
+
+def train_joint_on_ray(job: JointJob, dataset, run_dir: Path, workers: int, cpus_per_worker: float,
+                       max_failures: int, log=print) -> tuple[dict, list[float]]:
+    """Train; return the final student state and the per-epoch loss of rank 0."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    log(f"[joint] Ray Train DDP: {workers} workers")
+    trainer = TorchTrainer(
+        joint_worker,
+        train_loop_config={"job": job},
+        datasets={"train": dataset},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"joint-{run_fingerprint(job)}", storage_path=str(run_dir.resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "joint.pt", weights_only=True)
+    return state["model"], [float(v) for v in state["curve"]]
