@@ -178,6 +178,23 @@ def test_saved_job_names_the_same_zoo(improved):
     assert load_job(run_dir / "job.yaml").zoo_path() == load_job(job_path).zoo_path()
 
 
+def test_run_records_its_figures_in_the_metrics(improved):
+    """`amalgam run` leaves the student's accuracy, the stage losses and the phase timings in amalgam_*."""
+    from amalgam import metrics
+
+    _, _, run_dir = improved
+    report = json.loads((run_dir / "report.json").read_text())
+    reg = metrics.METRICS.registry
+    final = next(m for m in report["methods"] if m["name"] == MAIN)["metrics"]["comprehensive"]
+    assert reg.get_sample_value("amalgam_student_accuracy", {"model": "student", "split": "test"}) == pytest.approx(final)
+    kd = next(m for m in report["methods"] if m["name"] == "multi-teacher KD (scratch)")["metrics"]["comprehensive"]
+    assert reg.get_sample_value("amalgam_student_accuracy", {"model": "kd", "split": "test"}) == pytest.approx(kd)
+    conv2 = report["extra"]["stage_curves"]["conv2"]
+    assert reg.get_sample_value("amalgam_stage_loss", {"stage": "conv2"}) == pytest.approx(conv2[-1])
+    for name in ("extract", "amalgamate", "stages", "joint", "evaluate"):
+        assert reg.get_sample_value("amalgam_phase_duration_seconds", {"phase": name}) is not None, name
+
+
 def test_paper_mode_run_completes(workdir):
     rc, _, run_dir = _run(workdir, PAPER, "run-paper")
     assert rc == 0
@@ -198,3 +215,4 @@ def test_paper_mode_run_completes(workdir):
     acc = methods[name]["metrics"]["comprehensive"]
     assert acc > 0.75  # measured 0.8675 (after stages 0.8325) on this short budget; chance is 0.1
     assert (run_dir / "student.safetensors").is_file() and (run_dir / "stage_losses.png").is_file()
+

@@ -39,14 +39,37 @@ def _run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else default_run_dir(job.name)
+    from amalgam import metrics
     from amalgam.engine.run_local import run_local
 
-    if args.local:
-        run_local(job, out)
-    else:
+    settings = metrics.MetricsSettings.from_env()
+    server = metrics.serve(settings.port, settings.addr) if settings.port is not None else None
+    if server:
+        print(f"[metrics] serving {server.url}")
+    factory = None
+    if not args.local:
         from amalgam.distributed.store_source import store_source_factory
 
-        run_local(job, out, source_factory=store_source_factory(args.address))
+        factory = store_source_factory(args.address)
+    with metrics.batch_job(settings.pushgateway, job.name):
+        result = run_local(job, out, source_factory=factory, phase=metrics.phase)
+        _record(result)
+
+
+def _record(result) -> None:
+    """Final figures of a run into the amalgam_* metrics."""
+    from amalgam import metrics
+
+    names = {"multi-teacher KD (scratch)": "kd", "supervised (labels)": "supervised"}
+    for r in result.results:
+        model = "student" if r is result.results[-1] else names.get(r.name)
+        if model and r.metrics is not None:
+            metrics.student_accuracy(r.metrics.comprehensive, model=model)
+    for stage, curve in result.extra.get("stage_curves", {}).items():
+        for loss in curve:
+            metrics.stage_epoch(stage, loss)
+    for loss in result.extra.get("joint_curve", []):
+        metrics.stage_epoch("joint", loss)
 
 
 def _extract(args: argparse.Namespace) -> None:

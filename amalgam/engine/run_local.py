@@ -13,6 +13,7 @@ compared with. Read top to bottom, it is the method:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -222,9 +223,12 @@ def _only_task(metrics: Metrics, teacher: str) -> Metrics:
     )
 
 
-def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) -> RunResult:
+def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, phase=None) -> RunResult:
     """Run the whole method; ``source_factory(job, teachers, pool, log)`` picks where features come
-    from (default: teachers in-process; the store pipeline passes its own)."""
+    from (default: teachers in-process; the store pipeline passes its own). ``phase(name)``, a
+    context manager factory, brackets each step (the CLI passes the Prometheus phase tracker;
+    the engine itself knows nothing of metrics)."""
+    phase = phase or (lambda _name: contextlib.nullcontext())
     t_start = time.perf_counter()
     torch.manual_seed(job.seed)
     timings: dict[str, float] = {}
@@ -246,13 +250,15 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
     # 1-2. statistics, logits, calibration
     t0 = time.perf_counter()
     source = (source_factory or OnlineSource)(job, teachers, pool, log)
-    tp = source.teacher_pass()
+    with phase("extract"):
+        tp = source.teacher_pass()
     calib: Calibration = fit_calibration(tp.logits, space.slices, job.calibration)
     targets = calib(tp.logits)
     t0 = lap("teacher_statistics_pass", t0)
 
     # 3. feature amalgamation
-    codecs, ae_curves = source.fit(tp.stats)
+    with phase("amalgamate"):
+        codecs, ae_curves = source.fit(tp.stats)
     amalg_report = {}
     for tap, codec in codecs.items():
         err, var = codec.residual(tp.stats[tap])
@@ -279,14 +285,15 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
     target_var = {tap: float(c.code_moments(tp.stats[tap])[1].mean()) for tap, c in codecs.items()}
     target_var["head"] = float(targets.var(0).mean())
     steps = -(-len(pool) // job.stages.batch_size)
-    if hasattr(source, "fit_stages"):  # the source fits stages elsewhere (Ray Train workers)
-        curves = source.fit_stages(specs, nets, target_var, targets, s_cfg, s_spec, widths, steps, run_dir)
-    else:
-        curves = fit_stages(
-            specs, nets, target_var,
-            source.epoch_batches(codecs, targets, student_norm, job.stages.batch_size, job.seed),
-            job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
-        )
+    with phase("stages"):
+        if hasattr(source, "fit_stages"):  # the source fits stages elsewhere (Ray Train workers)
+            curves = source.fit_stages(specs, nets, target_var, targets, s_cfg, s_spec, widths, steps, run_dir)
+        else:
+            curves = fit_stages(
+                specs, nets, target_var,
+                source.epoch_batches(codecs, targets, student_norm, job.stages.batch_size, job.seed),
+                job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
+            )
     student = DeployedStudent(assemble(skeleton, nets), s_spec)
     t0 = lap("stages", t0)
     after_stages = evaluate_logits(predict_logits(student, test.images), test_labels, space)
@@ -299,13 +306,16 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
         gate = fit_gate(pool.images, targets, space.slices, s_spec, job.joint.gate.epochs, job.joint.gate.keep,
                         job.joint.lr, job.seed, log)
         joint_target = gate_and_target(gate, pool.images, targets, space.slices)
-    if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
-        joint_curve = source.train_joint(student, joint_target, run_dir)
-    else:
-        joint_curve = train_end_to_end(
-            student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
-            job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
-        ) if job.joint.epochs else []
+    with phase("joint"):
+        if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
+            joint_curve = source.train_joint(student, joint_target, run_dir)
+        else:
+            joint_curve = train_end_to_end(
+                student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
+                job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
+            ) if job.joint.epochs else []
+    evaluate_phase = phase("evaluate")
+    evaluate_phase.__enter__()
     t0 = lap("joint", t0)
 
     # 6. baselines and evaluation
@@ -352,6 +362,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
     final = evaluate_logits(predict_logits(student, test.images), test_labels, space)
     results.append(MethodResult(main_name, final, **student_cost))
     t0 = lap("baselines_and_evaluation", t0)
+    evaluate_phase.__exit__(None, None, None)
     timings["total"] = round(time.perf_counter() - t_start, 2)
 
     # The run directory (created only now: a run that failed early leaves nothing behind).
@@ -364,6 +375,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None) ->
     (run_dir / "job.yaml").write_text(dump_job(job))
     extra = {
         "job": job.name,
+        "stage_curves": curves,
         "teacher_to_student_params": round(student_cost["params"] / teachers_cost["params"], 4),
         "student_widths": widths,
         "amalgamation": amalg_report,
