@@ -1,7 +1,7 @@
 """Distributed extraction: frozen teachers on Ray Data actors, features streamed to the store.
 
-Two passes over the pool, neither of which writes raw taps (the demo's full-resolution taps
-of four teachers are ~250 KB per image; the compact codes are a fraction of that):
+Two passes over the pool, neither of which writes raw taps (the demo zoo's taps of four
+teachers are ~440 KB per image in float32; its stored codes ~40 KB, see bench/README.md):
 
 1. ``outputs``: per shard, the teachers' logits, plus the shard's share of every tap's
    PCA statistics as a side file (sums, so the whole pool's statistics are their sum:
@@ -25,30 +25,29 @@ space is refused in one line before any teacher runs (:func:`check_capacity`).
 
 from __future__ import annotations
 
-import io
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from amalgam.data.datasets import to_float
-from amalgam.data.pool import Pool
 from amalgam.engine.amalgamate import LinearCodec, TapStats
 from amalgam.engine.capture import capture_teachers
 from amalgam.errors import AmalgamError
-from amalgam.job import Job
 from amalgam.store.codecs import load_codecs, stats_from_bytes, stats_to_bytes
-from amalgam.store.dataset import PARQUET_COMPRESSION, Dataset, DatasetWriter, tensor_column
+from amalgam.store.dataset import Dataset, DatasetWriter, parquet_bytes, tensor_column
 from amalgam.store.fingerprint import short, zoo_fingerprint
 from amalgam.store.location import S3Options, StoreLocation, open_store
 from amalgam.zoo.manifest import load_zoo
+
+if TYPE_CHECKING:  # not imported at run time: they pull in torchvision, ~1 s of every actor's start-up
+    from amalgam.data.pool import Pool
+    from amalgam.job import Job
 
 STATS_SIDE = "stats.safetensors"
 PLAN_ROWS = 64  # rows the driver extracts to plan a pass
@@ -133,6 +132,12 @@ class ShardColumns:
     stats: dict[str, TapStats] | None  # the rows' share of every tap's statistics (outputs pass)
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float32 in [0, 1]: :func:`amalgam.data.datasets.to_float`, which this
+    module does not import (see the ``TYPE_CHECKING`` imports; a test keeps the two equal)."""
+    return images.float().div_(255.0)
+
+
 @torch.no_grad()
 def compute_rows(kind: str, teachers: list, codecs: dict[str, LinearCodec], taps: list[str], images: torch.Tensor,
                  batch_size: int, device: torch.device | str = "cpu") -> ShardColumns:
@@ -146,7 +151,7 @@ def compute_rows(kind: str, teachers: list, codecs: dict[str, LinearCodec], taps
         if kind == "outputs" else None
     logits, codes = [], {tap: [] for tap in codecs}
     for start in range(0, len(images), batch_size):
-        out, feats = capture_teachers(teachers, to_float(images[start : start + batch_size]).to(device))
+        out, feats = capture_teachers(teachers, to_unit(images[start : start + batch_size]).to(device))
         logits.append(torch.cat(out, 1).float().cpu())
         if stats is not None:
             for tap in taps:
@@ -172,13 +177,6 @@ def shard_table(kind: str, rows: range, ids: list[str], images: torch.Tensor,
     for tap, code in cols.codes.items():
         columns[f"code.{tap}"] = tensor_column(code.numpy())
     return pa.table(columns), None
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    """The bytes a shard takes in the store (the writer's exact Parquet settings)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=PARQUET_COMPRESSION)
-    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,8 @@ def measure_plan(spec: PassSpec, teachers: list, codecs: dict[str, LinearCodec],
     Bytes: that batch's zstd Parquet bytes per row times the rows to write, plus the side
     files (whose size does not depend on the rows: statistics are per-tap sums) per shard.
     Time: seconds per row, with the actors' torch threads, times rows over ``parallel``
-    actors (a warm-up batch first, so one-off initialisation is not extrapolated).
+    actors (a warm-up batch first, so one-off initialisation is not extrapolated). The
+    time is measured on the driver's CPU: with GPU actors it is an upper bound.
     """
     first = writer.shard_rows(todo[0])
     rows = range(first.start, min(first.stop, first.start + sample_rows))
@@ -263,14 +262,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     With no address, a new local instance is started explicitly (``address="local"``):
     a bare ``ray.init()`` would attach to whatever cluster ``ray start`` last left on this
-    machine, another user's included. ``num_cpus`` caps the embedded instance (tests).
+    machine, another user's included. The embedded instance listens on loopback only:
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (single-node mode, node IP
+    127.0.0.1) once, when ``ray`` is first imported, so it is set before the import, and
+    corrected if something imported ``ray`` earlier without it (otherwise every Ray
+    process would listen on the machine's public address). ``num_cpus`` caps the
+    embedded instance (tests).
     """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -293,6 +301,9 @@ class PassResult:
     teacher_forwards: int  # performed by this call (0 when everything was already stored)
     seconds: float
     reused: bool
+    # Where the seconds went: plan (driver's measured batch), startup (until the first shard
+    # came back, less its own extraction time: Ray Data and actor start-up), extract, commit.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: Callable[[str], None] = print,
@@ -320,6 +331,7 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
         log(f"[extract] {spec.kind}: resuming, {len(done)}/{writer.num_shards} shards already stored")
     t0 = time.perf_counter()
     forwards = 0
+    timings: dict[str, float] = {}
     if todo:
         ext = job.extraction
         parallel = min(ext.actors, len(todo))
@@ -329,6 +341,7 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
         taps = [i.name for i in teachers[0].taps()][:-1]
         plan = measure_plan(spec, teachers, codecs, taps, pool, writer, todo, parallel)
         log(plan.line(spec.kind, parallel))
+        timings["plan"] = time.perf_counter() - t0
         free = free_bytes() if callable(free_bytes) else free_bytes
         check_capacity(loc.uri_of(spec.key), plan.bytes, loc.free_bytes() if free is None else free)
         if loc.is_s3:
@@ -346,16 +359,23 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
         )
         total = sum(len(writer.shard_rows(i)) for i in todo)
         bar = tqdm(total=total, desc=f"extract {spec.kind}", unit="sample", leave=False)
+        t_launch = time.perf_counter()
         for row in out.iter_rows():
+            if "startup" not in timings:
+                timings["startup"] = max(0.0, time.perf_counter() - t_launch - float(row["seconds"]))
             bar.update(int(row["rows"]))
             forwards += int(row["teacher_forwards"])
         bar.close()
+        timings["extract"] = time.perf_counter() - t_launch - timings["startup"]
+    t_commit = time.perf_counter()
     manifest = writer.commit(side_names)
+    timings["commit"] = time.perf_counter() - t_commit
     secs = time.perf_counter() - t0
     rate = sum(len(writer.shard_rows(i)) for i in todo) / max(secs, 1e-9)
+    startup = f", {timings['startup']:.1f} s of it Ray start-up" if "startup" in timings else ""
     log(f"[extract] {spec.kind}: committed {manifest.num_rows} rows in {len(manifest.shards)} shards "
-        f"({len(todo)} extracted, {rate:.0f} samples/s) at {loc.uri_of(spec.key)}")
-    return PassResult(Dataset.open(loc, spec.key), forwards, secs, False)
+        f"({len(todo)} extracted, {rate:.0f} samples/s{startup}) at {loc.uri_of(spec.key)}")
+    return PassResult(Dataset.open(loc, spec.key), forwards, secs, False, timings)
 
 
 def sum_stats(ds: Dataset) -> dict[str, TapStats]:

@@ -70,7 +70,7 @@ class StoreSource:
         data = res.dataset.read_all(["index", "logits"])
         if not np.array_equal(data["index"], np.arange(len(self.pool))):
             raise AmalgamError(f"{self.loc.uri_of(res.dataset.key)}: rows are not the pool's samples in order")
-        return TeacherPassResult(sum_stats(res.dataset), torch.from_numpy(data["logits"]).float())
+        return TeacherPassResult(sum_stats(res.dataset), torch.from_numpy(np.array(data["logits"])).float())
 
     def fit(self, stats: dict[str, TapStats]) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
         """Fit (or reuse) the codecs, then make sure the codes at their width are stored.

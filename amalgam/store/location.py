@@ -7,13 +7,18 @@ the standard AWS environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCE
 a job's ``store.s3`` section may override (never the credentials: those stay in the
 environment or a Kubernetes Secret, so they never land in a job file or a report).
 
-Every operation goes through :meth:`StoreLocation.retry`: transient errors are retried
-with exponential backoff, then reported as one line naming the object.
+Every operation goes through :meth:`StoreLocation.retry`: transient errors (a refused
+or reset connection, a timeout, a throttled or failing server) are retried with
+exponential backoff, then reported as one line naming the object. Errors that a retry
+cannot fix (no such bucket, access denied, bad credentials) fail at once, so a typo in a
+bucket name costs one request, not a backoff schedule.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +31,16 @@ from pydantic import BaseModel, ConfigDict
 from amalgam.errors import AmalgamError
 
 T = TypeVar("T")
+
+# AWS SDK error names (as pyarrow reports them: "AWS Error ACCESS_DENIED ...") that no retry fixes.
+PERMANENT_S3_ERRORS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
+                       "INVALID_BUCKET_NAME")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's first line without the per-request id (noise in a one-line message)."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"\s*\(Request ID: [^)]*\)", "", msg)
 
 
 class S3Options(BaseModel):
@@ -61,9 +76,11 @@ class StoreLocation:
                 return fn()
             except FileNotFoundError:
                 raise
-            except (OSError, IOError) as exc:  # pyarrow raises OSError for network and S3 errors
+            except OSError as exc:  # pyarrow raises OSError for network and S3 errors
+                msg = _first_line(exc)
+                if any(name in msg for name in PERMANENT_S3_ERRORS):
+                    raise AmalgamError(f"{what}: {msg}") from None
                 if attempt == self.retries:
-                    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     raise AmalgamError(f"{what}: failed after {self.retries + 1} attempts: {msg}") from None
                 time.sleep(delay)
                 delay *= 2
@@ -118,10 +135,8 @@ class StoreLocation:
         if self.is_s3:
             return None
         p = Path(self.root)
-        while not p.exists():
+        while not p.exists():  # the store may not exist yet: its nearest existing ancestor's disk
             p = p.parent
-        import shutil
-
         return shutil.disk_usage(p).free
 
 
