@@ -7,3 +7,30 @@ every message must name the file, field or teacher at fault on its own.
 
 class AmalgamError(Exception):
     """A failure caused by input or environment, reported to the user as one line."""
+
+
+def validation_line(path: object, exc: "ValidationError") -> str:  # noqa: F821
+    """A pydantic error as one line naming the file and the first failing field."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    return f"{path}: field {loc}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def read_yaml_mapping(path: object, what: str) -> dict:
+    """Parse a YAML file that must hold a mapping; one-line errors for absence and bad syntax."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)  # type: ignore[arg-type]
+    if not p.is_file():
+        raise AmalgamError(f"{p}: {what} not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise AmalgamError(f"{p}:{where} malformed YAML") from None
+    if not isinstance(raw, dict):
+        raise AmalgamError(f"{p}: a {what} must be a YAML mapping")
+    return raw

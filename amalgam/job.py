@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amalgam.data.pool import PoolSpec
-from amalgam.errors import AmalgamError
+from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
 from amalgam.paths import amalgam_home
 from amalgam.store.location import S3Options
 
@@ -172,35 +172,20 @@ class Job(_Strict):
         return uri if uri.startswith("s3://") else str(self.resolve(uri.removeprefix("file://")))
 
 
-def _one_line(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{path}: field {loc}: {msg}"
-
-
 def parse_job(raw: object, path: Path) -> Job:
     if not isinstance(raw, dict):
         raise AmalgamError(f"{path}: a job file must be a YAML mapping")
     try:
         job = Job.model_validate(raw)
     except ValidationError as exc:
-        raise AmalgamError(_one_line(path, exc)) from None
+        raise AmalgamError(validation_line(path, exc)) from None
     job._base_dir = path.parent.resolve()
     return job
 
 
 def load_job(path: Path | str) -> Job:
     path = Path(path)
-    if not path.is_file():
-        raise AmalgamError(f"{path}: job file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise AmalgamError(f"{path}:{where} malformed YAML") from None
-    return parse_job(raw, path)
+    return parse_job(read_yaml_mapping(path, "job file"), path)
 
 
 def dump_job(job: Job) -> str:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from amalgam.data.fetch import sha256_file
-from amalgam.errors import AmalgamError
+from amalgam.errors import AmalgamError, validation_line
 from amalgam.zoo.arch import TappedCNN, build_model
 from amalgam.zoo.manifest import InputSpec, Normalize, save_weights
 
@@ -145,19 +145,13 @@ def save_student(
             job=dict(job or {}),
         )
     except ValidationError as exc:
-        raise AmalgamError(_one_line(json_path, exc)) from None
+        raise AmalgamError(validation_line(json_path, exc)) from None
     _check_consistency(json_path, manifest, net)
     manifest = manifest.model_copy(update={"sha256": save_weights(net, run_dir / STUDENT_WEIGHTS)})
     tmp = json_path.with_name(f".{json_path.name}.tmp")
     tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     tmp.replace(json_path)
     return json_path
-
-
-def _one_line(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{path}: field {loc}: {err['msg']}"
 
 
 def student_json_path(path: Path | str) -> Path:
@@ -184,7 +178,7 @@ def read_student_manifest(path: Path | str) -> tuple[StudentManifest, Path]:
     try:
         return StudentManifest.model_validate(raw), json_path
     except ValidationError as exc:
-        raise AmalgamError(_one_line(json_path, exc)) from None
+        raise AmalgamError(validation_line(json_path, exc)) from None
 
 
 def load_student(path: Path | str) -> tuple[nn.Module, list[str], InputSpec]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from amalgam.classes import ClassSpace
 from amalgam.data.fetch import sha256_file
-from amalgam.errors import AmalgamError
+from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
 from amalgam.zoo.arch import TapInfo, TappedCNN, build_model
 
 MANIFEST_VERSION = 1
@@ -86,28 +86,13 @@ class ZooManifest(BaseModel):
         raise AmalgamError(f"zoo {self.name} has no teacher {name!r}")
 
 
-def _one_line_validation_error(path: Path, exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{path}: field {loc}: {err['msg']}"
-
-
 def read_manifest(path: Path | str) -> ZooManifest:
     path = Path(path)
-    if not path.is_file():
-        raise AmalgamError(f"{path}: zoo manifest not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise AmalgamError(f"{path}:{where} malformed YAML") from None
-    if not isinstance(raw, dict):
-        raise AmalgamError(f"{path}: a zoo manifest must be a mapping")
+    raw = read_yaml_mapping(path, "zoo manifest")
     try:
         manifest = ZooManifest.model_validate(raw)
     except ValidationError as exc:
-        raise AmalgamError(_one_line_validation_error(path, exc)) from None
+        raise AmalgamError(validation_line(path, exc)) from None
     names = [t.name for t in manifest.teachers]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
