@@ -172,9 +172,16 @@ def test_plan_is_printed_and_matches_what_was_written(extracted):
 
 
 def test_second_extraction_runs_no_teacher_forward(env, extracted):
+    from amalgam import metrics
+
     first, _ = extracted
+    names = [t.name for t in env.teachers]
+    reg = metrics.METRICS.registry
+    before = [reg.get_sample_value("amalgam_samples_extracted_total", {"teacher": n}) for n in names]
+    assert all(b is not None and b >= 2 * POOL for b in before)  # the driver counted both passes
     src, logs = _extract(env, load_job(_job(env, "again", str(env.dir / "store"))))
     assert src.teacher_forwards == 0
+    assert [reg.get_sample_value("amalgam_samples_extracted_total", {"teacher": n}) for n in names] == before
     assert [line.split(": reusing")[0] for line in logs if ": reusing " in line] == [
         "[extract] outputs", "[extract] codes"]
     assert not any("plan:" in line for line in logs)

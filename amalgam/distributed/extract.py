@@ -306,6 +306,17 @@ class PassResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _record_shard(teachers: list[str], rows: int, batch_size: int, s3: bool, nbytes: int) -> None:
+    """Extraction counters in the driver's amalgam_* metrics (actors live in other processes)."""
+    from amalgam import metrics
+
+    for name in teachers:
+        metrics.samples_extracted(name, rows)
+        metrics.teacher_forward(name, -(-rows // batch_size))
+    if nbytes:
+        metrics.bytes_written(nbytes, "s3" if s3 else "local")
+
+
 def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: Callable[[str], None] = print,
              teachers: list | None = None, free_bytes: int | None | Callable[[], int | None] = None) -> PassResult:
     """Extract the shards of ``spec`` that the store lacks, on a Ray Data actor pool; commit.
@@ -358,6 +369,9 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
             fn_constructor_kwargs={"spec": spec, "images_ref": images_ref, "ids_ref": ids_ref},
         )
         total = sum(len(writer.shard_rows(i)) for i in todo)
+        from amalgam.zoo.manifest import read_manifest
+
+        teacher_names = [t.name for t in read_manifest(spec.zoo_path).teachers]
         bar = tqdm(total=total, desc=f"extract {spec.kind}", unit="sample", leave=False)
         t_launch = time.perf_counter()
         for row in out.iter_rows():
@@ -365,6 +379,7 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
                 timings["startup"] = max(0.0, time.perf_counter() - t_launch - float(row["seconds"]))
             bar.update(int(row["rows"]))
             forwards += int(row["teacher_forwards"])
+            _record_shard(teacher_names, int(row["rows"]), spec.batch_size, loc.is_s3, int(row.get("bytes", 0)))
         bar.close()
         timings["extract"] = time.perf_counter() - t_launch - timings["startup"]
     t_commit = time.perf_counter()
