@@ -34,3 +34,29 @@ def _feed(h, v) -> None:
             _feed(h, x)
     else:
         h.update(repr(v).encode())
+
+
+def fit_trainer(loop, job: object, kind: str, run_dir, workers: int, cpus_per_worker: float, max_failures: int,
+                datasets: dict | None = None):
+    """One TorchTrainer run of ``loop`` with ``{"job": job}``, checkpointed under RUN_DIR/ray/KIND-FP.
+
+    Both Ray Train uses (stages, joint) share it: same storage layout, restart policy and
+    checkpoint retention.
+    """
+    from pathlib import Path
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"job": job},
+        datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{kind}-{run_fingerprint(job)}", storage_path=str(Path(run_dir).resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()

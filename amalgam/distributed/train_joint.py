@@ -18,7 +18,7 @@ import torch
 
 from amalgam.engine.joint import distill_loss
 from amalgam.student_io import DeployedStudent
-from amalgam.distributed.runs import run_fingerprint
+from amalgam.distributed.runs import fit_trainer
 from amalgam.zoo.arch import CNNConfig, TappedCNN
 from amalgam.zoo.manifest import InputSpec
 
@@ -98,22 +98,9 @@ def joint_worker(config: dict) -> None:
 def train_joint_on_ray(job: JointJob, dataset, run_dir: Path, workers: int, cpus_per_worker: float,
                        max_failures: int, log=print) -> tuple[dict, list[float]]:
     """Train; return the final student state and the per-epoch loss of rank 0."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     log(f"[joint] Ray Train DDP: {workers} workers")
-    trainer = TorchTrainer(
-        joint_worker,
-        train_loop_config={"job": job},
-        datasets={"train": dataset},
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            name=f"joint-{run_fingerprint(job)}", storage_path=str(run_dir.resolve() / "ray"),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    result = fit_trainer(joint_worker, job, "joint", run_dir, workers, cpus_per_worker, max_failures,
+                         datasets={"train": dataset})
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "joint.pt", weights_only=True)
     return state["model"], [float(v) for v in state["curve"]]

@@ -36,7 +36,7 @@ from amalgam.engine.stages import (
     stage_input,
 )
 from amalgam.engine.student import build_student
-from amalgam.distributed.runs import run_fingerprint
+from amalgam.distributed.runs import fit_trainer
 from amalgam.zoo.arch import CNNConfig
 from amalgam.zoo.manifest import InputSpec, Normalize
 
@@ -167,21 +167,8 @@ def stage_worker(config: dict) -> None:
 def fit_stages_on_ray(job: StageJob, run_dir: Path, workers: int, cpus_per_worker: float, max_failures: int,
                       log=print) -> tuple[dict[str, dict], dict[str, list[float]]]:
     """Run the stage trainer; return each stage's trained net state and loss curve."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     log(f"[stages] Ray Train: {workers} workers, assignment {job.assignment}")
-    trainer = TorchTrainer(
-        stage_worker,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            name=f"stages-{run_fingerprint(job)}", storage_path=str(run_dir.resolve() / "ray"),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    result = fit_trainer(stage_worker, job, "stages", run_dir, workers, cpus_per_worker, max_failures)
     resumed = int(result.metrics.get("resumed_after_epoch", 0))
     if resumed:
         log(f"[stages] a worker was lost; the group restarted and restored from the checkpoint after epoch {resumed}")
