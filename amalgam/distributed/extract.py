@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -41,7 +40,7 @@ from amalgam.engine.capture import capture_teachers
 from amalgam.errors import AmalgamError
 from amalgam.store.codecs import load_codecs, stats_from_bytes, stats_to_bytes
 from amalgam.store.dataset import Dataset, DatasetWriter, parquet_bytes, tensor_column
-from amalgam.store.fingerprint import short, zoo_fingerprint
+from amalgam.store.fingerprint import short
 from amalgam.store.location import S3Options, StoreLocation, open_store
 from amalgam.zoo.manifest import load_zoo
 
@@ -403,23 +402,5 @@ def sum_stats(ds: Dataset) -> dict[str, TapStats]:
     return total
 
 
-def outputs_spec(job: Job, pool_fp: str, zoo_fp: str) -> PassSpec:
-    return PassSpec(
-        kind="outputs", zoo_path=str(job.zoo_path()), store_uri=job.store_uri(),
-        s3=job.store.s3.model_dump(), key=outputs_key(zoo_fp, pool_fp),
-        fingerprints={"zoo": zoo_fp, "pool": pool_fp}, num_rows=0, shard_size=job.extraction.shard_size,
-        batch_size=job.extraction.batch_size,
-    )
-
-
-def zoo_fp_of(job: Job) -> str:
-    manifest, _ = load_zoo(job.zoo_path())
-    return zoo_fingerprint(manifest.teachers)
-
-
 def store_location(job: Job) -> StoreLocation:
     return open_store(job.store_uri(), job.store.s3)
-
-
-def zoo_dir(job: Job) -> Path:
-    return job.zoo_path().parent

@@ -198,8 +198,3 @@ def store_epoch_batches(
 
 def store_source_factory(address: str | None = None):
     return lambda job, teachers, pool, log: StoreSource(job, teachers, pool, log, address)
-
-
-def describe(ds: Dataset) -> str:
-    m = ds.manifest
-    return json.dumps({"key": m.key, "kind": m.kind, "rows": m.num_rows, "shards": len(m.shards)})
