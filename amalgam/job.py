@@ -133,6 +133,74 @@ class Extraction(_Strict):
     gpus_per_actor: float = Field(0.0, ge=0)
 
 
+class Choice(_Strict):
+    choice: list[Union[bool, int, float]] = Field(min_length=1)
+
+
+class Uniform(_Strict):
+    uniform: tuple[float, float]
+
+
+class LogUniform(_Strict):
+    loguniform: tuple[float, float]
+
+    @field_validator("loguniform")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] <= 0 or v[1] < v[0]:
+            raise ValueError(f"loguniform bounds must satisfy 0 < low <= high, got {list(v)}")
+        return v
+
+
+# A search dimension: a fixed value, or {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}.
+Dim = Union[bool, int, float, Choice, Uniform, LogUniform]
+
+
+def dim_extremes(dim: Dim) -> list:
+    """The values that bound a dimension (its choices, or its interval's ends)."""
+    if isinstance(dim, Choice):
+        return list(dim.choice)
+    if isinstance(dim, Uniform):
+        return list(dim.uniform)
+    if isinstance(dim, LogUniform):
+        return list(dim.loguniform)
+    return [dim]
+
+
+class SweepScheduler(_Strict):
+    type: Literal["asha", "fifo"] = Field("asha", description="asha: early stopping by joint-stage epoch")
+    grace_period: int = Field(1, ge=1, description="joint-stage epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class Sweep(_Strict):
+    """Ray Tune over compact widths, balancing, joint-stage lr and KD temperature (``amalgam sweep``)."""
+
+    trials: int = Field(8, ge=1)
+    widths: dict[str, Dim] = Field(
+        default_factory=lambda: {"default": Choice(choice=[0.2, 0.3, 0.4, 0.5])},
+        description="per tap ('default' for the rest): an int or a ratio of the concatenated width, or a search",
+    )
+    balance: Dim | None = Field(None, description="default: amalgamation.balance")
+    joint_lr: Dim | None = Field(None, description="default: joint.lr")
+    temperature: Dim | None = Field(None, description="default: joint.temperature")
+    scheduler: SweepScheduler = Field(default_factory=SweepScheduler)
+    max_concurrent: int | None = Field(None, ge=1, description="default: the cluster's CPUs / cpus_per_trial")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    holdout: float = Field(0.1, gt=0, lt=1, description="pool fraction held out to score fidelity to the teachers")
+    validation: PoolSpec | None = Field(None, description="a labelled set: its comprehensive accuracy is the objective")
+    seed: int = 0
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: dict[str, Dim]) -> dict[str, Dim]:
+        for tap, dim in v.items():
+            for w in dim_extremes(dim):
+                if isinstance(w, bool) or w <= 0 or (isinstance(w, float) and w > 1):
+                    raise ValueError(f"width of {tap} must be an int >= 1 or a ratio in (0, 1], got {w}")
+        return v
+
+
 class Job(_Strict):
     version: int = JOB_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -147,6 +215,7 @@ class Job(_Strict):
     batch_size: int = Field(256, ge=1, description="teacher forward batch")
     store: StoreConfig = Field(default_factory=StoreConfig)
     extraction: Extraction = Field(default_factory=Extraction)
+    sweep: Sweep | None = Field(None, description="search space of `amalgam sweep` (ignored by `amalgam run`)")
     seed: int = 0
 
     @field_validator("version")

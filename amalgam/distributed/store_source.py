@@ -169,12 +169,14 @@ def store_epoch_batches(
     seed: int,
     taps: list[str] | None = None,
     with_image: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> Callable[[int], Iterator[dict]]:
     """Shuffled batches per epoch (shard order, then rows within a shard), codes cut to ``widths``.
 
     The shuffle depends only on ``seed`` and the epoch, never on which columns are read,
     so a Ray Train worker reading only its stages' taps sees exactly the batches the
-    driver would: each stage trains identically wherever it runs.
+    driver would: each stage trains identically wherever it runs. ``rows`` (a boolean mask
+    over pool indices) keeps only those samples: a sweep holds some out to score trials.
     """
     taps = list(widths) if taps is None else taps
     columns = ["index", *(["image"] if with_image else []), *(f"code.{t}" for t in taps)]
@@ -183,8 +185,12 @@ def store_epoch_batches(
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(codes_ds.manifest.shards), generator=gen).tolist()
         for table in codes_ds.iter_shards(columns, order):
-            cols = {n: torch.from_numpy(column_to_numpy(table.column(n))) for n in columns}
+            # np.require copies read-only Arrow buffers: torch must not alias memory it may not write.
+            cols = {n: torch.from_numpy(np.require(column_to_numpy(table.column(n)), requirements="W"))
+                    for n in columns}
             perm = torch.randperm(table.num_rows, generator=gen)
+            if rows is not None:
+                perm = perm[rows[cols["index"][perm]]]
             for i in range(0, table.num_rows, batch_size):
                 p = perm[i : i + batch_size]
                 with torch.no_grad():

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amalgam.engine import counters
 from amalgam.errors import AmalgamError
 
 TapKind = Literal["conv", "fc"]
@@ -224,6 +225,7 @@ class PCABasis:
 
 
 def fit_pca(stats: TapStats, balance: bool = False) -> PCABasis:
+    counters.add(counters.AUTOENCODER_FITS)
     scale = balance_scale(stats, balance)
     cov = stats.cov() * scale[:, None] * scale[None, :]
     eigvals, eigvecs = torch.linalg.eigh(cov)
@@ -293,6 +295,7 @@ class SGDCodecTrainer:
     """
 
     def __init__(self, stats: TapStats, k: int, balance: bool = False, lr: float = 1e-3, seed: int = 0):
+        counters.add(counters.AUTOENCODER_FITS)
         gen = torch.Generator().manual_seed(seed)
         self.kind = stats.kind
         self.scale = balance_scale(stats, balance).float()

@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from amalgam.engine import counters
 from amalgam.errors import AmalgamError
 
 
@@ -86,6 +87,7 @@ def capture_teachers(teachers: list, x: torch.Tensor) -> tuple[list[torch.Tensor
     Returns per teacher its logits and a ``{tap name: pre-activation feature}`` dict,
     with tap names taken from the teacher's feature info (``conv1``, ..., ``head``).
     """
+    counters.add(counters.TEACHER_FORWARDS, x.shape[0] * len(teachers))
     all_logits, all_feats = [], []
     for t in teachers:
         infos = t.taps()

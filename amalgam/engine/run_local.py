@@ -195,6 +195,20 @@ class OnlineSource:
         return counted
 
 
+def joint_targets(job: Job, images: torch.Tensor, raw_logits: torch.Tensor, calibrated: torch.Tensor,
+                  slices: tuple[slice, ...], input_spec: InputSpec, log: Log = print,
+                  fit_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, DeployedStudent | None]:
+    """What the joint stage regresses: raw logits (paper: mse, no calibration), the calibrated
+    logits, or the gated mixture of experts (the gate is fitted here, label-free, on
+    ``fit_rows`` only when given, and returned)."""
+    if job.joint.target == "gated":
+        rows = slice(None) if fit_rows is None else fit_rows
+        gate = fit_gate(images[rows], calibrated[rows], slices, input_spec, job.joint.gate.epochs, job.joint.gate.keep,
+                        job.joint.lr, job.seed, log)
+        return gate_and_target(gate, images, calibrated, slices), gate
+    return (raw_logits if job.joint.loss == "mse" and job.calibration == "none" else calibrated), None
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -300,12 +314,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     log(f"[stages] assembled student: comprehensive {after_stages.comprehensive:.4f}")
 
     # 5. joint stage (optionally against gated, mixture-of-experts targets)
-    joint_target = tp.logits if job.joint.loss == "mse" and job.calibration == "none" else targets
-    gate = None
-    if job.joint.target == "gated":
-        gate = fit_gate(pool.images, targets, space.slices, s_spec, job.joint.gate.epochs, job.joint.gate.keep,
-                        job.joint.lr, job.seed, log)
-        joint_target = gate_and_target(gate, pool.images, targets, space.slices)
+    joint_target, gate = joint_targets(job, pool.images, tp.logits, targets, space.slices, s_spec, log)
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
             joint_curve = source.train_joint(student, joint_target, run_dir)

@@ -1,0 +1,32 @@
+"""``amalgam sweep JOB``: Ray Tune over the job's ``sweep:`` section (see :mod:`amalgam.sweep`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from amalgam.paths import amalgam_home
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from amalgam.job import load_job
+
+    job = load_job(args.job)
+    out = Path(args.out) if args.out else amalgam_home() / "sweeps" / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Trials print through Tune's status table; per-batch progress bars from a dozen worker
+    # processes would bury it. Workers of an embedded Ray inherit this.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from amalgam.sweep.driver import run_sweep
+
+    run_sweep(job, out, args.address)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sweep", help="search compact widths, balancing, joint lr and KD temperature with Ray Tune")
+    s.add_argument("job")
+    s.add_argument("--out", help="sweep directory (default $AMALGAM_HOME/sweeps/NAME-TIME); rerun with the same "
+                                 "--out to resume an interrupted sweep")
+    s.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    s.set_defaults(func=_sweep)

@@ -1,0 +1,59 @@
+"""ASHA that survives ``Tuner.restore``.
+
+Ray Tune (2.60) does not save the scheduler with the experiment: on restore it is rebuilt
+from ``tuner.pkl`` as it was when the sweep started, so every score ASHA had recorded at its
+rungs is lost and the resumed trials are judged against nothing (ray-project/ray#30838).
+This subclass re-records, before its first decision, the per-epoch objective of every
+trial that had already finished (read back from the trials' ``result.json`` in the Tune
+directory), so a resumed sweep stops the same poor trials an uninterrupted one would.
+Trials that were interrupted mid-run restart from epoch 1 and are recorded afresh.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from ray.tune.schedulers import ASHAScheduler
+
+
+def finished_results(tune_dir: Path) -> dict[str, list[dict]]:
+    """trial id -> its reported results, for trials whose last result says done."""
+    out = {}
+    for f in sorted(Path(tune_dir).glob("*/result.json")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows and rows[-1].get("done"):
+            out[rows[-1]["trial_id"]] = rows
+    return out
+
+
+class ResumableASHA(ASHAScheduler):
+    def __init__(self, tune_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self._tune_dir = tune_dir
+        self._seeded = False
+
+    def _seed(self) -> None:
+        if self._seeded:
+            return
+        self._seeded = True
+        bracket = self._brackets[0]  # one bracket (brackets=1): every trial lands in it
+        for trial_id, rows in finished_results(Path(self._tune_dir)).items():
+            trial = SimpleNamespace(trial_id=trial_id)
+            for r in rows:
+                if self._time_attr in r and self._metric in r:
+                    bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
+
+    @property
+    def recorded(self) -> list[tuple[float, dict]]:
+        """(milestone, {trial id: score}) per rung: what decisions are made against."""
+        return [(m, dict(rec)) for m, rec in self._brackets[0]._rungs]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._seed()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._seed()
+        return super().on_trial_result(tune_controller, trial, result)
