@@ -141,15 +141,22 @@ def _amalgam(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-@pytest.mark.slow
-def test_sweep_resumes_after_a_kill_stops_early_and_runs_no_teacher(tmp_path: Path, data_root):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, data_root) -> Path:
     from amalgam.zoo.train import train_zoo
 
+    d = tmp_path_factory.mktemp("sweep")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    train_zoo("mnist-2", tmp_path / "zoo", data_root=data_root, limit=2000, epochs=2)
+    train_zoo("mnist-2", d / "zoo", data_root=data_root, limit=2000, epochs=2)
     torch.set_num_threads(before)
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(JOB, sort_keys=False))
+    (d / "job.yaml").write_text(yaml.safe_dump(JOB, sort_keys=False))
+    return d
+
+
+@pytest.mark.slow
+def test_sweep_resumes_after_a_kill_stops_early_and_runs_no_teacher(workdir: Path):
+    tmp_path = workdir
     out = tmp_path / "sweep"
 
     # 1. Start the sweep and kill driver + embedded Ray once Tune has recorded a finished trial.
@@ -234,3 +241,67 @@ def test_resumable_asha_re_records_finished_trials(tmp_path: Path):
     assert sched.on_trial_result(None, SimpleNamespace(trial_id="t2"), {"training_iteration": 1, "objective": 0.6}) == "CONTINUE"
     sched.on_trial_add(None, SimpleNamespace(trial_id="t3"))
     assert sched.on_trial_result(None, SimpleNamespace(trial_id="t3"), {"training_iteration": 1, "objective": 0.2}) == "STOP"
+
+
+def test_objective_is_holdout_agreement_or_validation_accuracy():
+    """Label-free by default; with a labelled validation set, its comprehensive accuracy."""
+    from amalgam.classes import ClassSpace
+    from amalgam.sweep.prepare import SweepSetup
+    from amalgam.sweep.trial import score
+
+    space = ClassSpace.from_teachers([("a", ["mnist/0", "mnist/1"]), ("b", ["mnist/2"])])
+    teacher = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+
+    class Fixed(torch.nn.Module):  # a "student" that answers from a lookup on the first pixel
+        def forward(self, x):
+            return torch.stack([[torch.tensor([4.0, 0, 0]), torch.tensor([0, 0, 4.0])][int(v > 0.5)] for v in x[:, 0, 0, 0]])
+
+    images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    images[1:3, 0, 0, 0] = 255  # rows 1, 2 -> class 2; rows 0, 3 -> class 0
+    setup = SweepSetup(job=None, store_uri="", s3={}, codes={}, teacher_config={}, space=space, input_spec={},
+                       head_targets=teacher, joint_targets=teacher, train_rows=torch.tensor([False] * 4),
+                       holdout_rows=torch.arange(4), validation=None, threads=1)
+    s = score(Fixed(), setup, images)
+    assert s["objective"] == s["agreement"] == 0.75  # row 1: teacher says 1, student 2
+    assert s["kl"] > 0 and "accuracy" not in s
+    setup.validation = (images, torch.tensor([0, 2, 2, 1]))
+    s = score(Fixed(), setup, images)
+    assert s["objective"] == s["accuracy"] == 0.75 and s["agreement"] == 0.75
+
+
+@pytest.mark.slow
+def test_sweep_directory_on_s3_and_resume_from_it(workdir: Path):
+    """Tune state and results in a bucket (moto on loopback); a rerun restores from the bucket."""
+    import boto3
+
+    from tests.test_store import _free_port, _moto
+
+    port = _free_port()
+    server = _moto(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    try:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="sweeps")
+        small = {**JOB, "joint": {"epochs": 2, "lr": 0.003}, "sweep": {**JOB["sweep"], "trials": 2}}
+        (workdir / "s3.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
+        cmd = [sys.executable, "-m", "amalgam.cli", "sweep", "s3.yaml", "--out", "s3://sweeps/tiny/run1"]
+        res = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket="sweeps", Prefix="tiny/run1/")["Contents"]}
+        for name in ("sweep.json", "sweep.md", "trials.csv", "pareto.png", "best.yaml"):
+            assert f"tiny/run1/{name}" in keys
+        assert any(k.startswith("tiny/run1/tune/") and k.endswith("/result.json") for k in keys)
+        blob = b"".join(s3.get_object(Bucket="sweeps", Key=k)["Body"].read() for k in keys if "/tune/" in k)
+        assert b"testing" not in blob.replace(b"testing_", b"")  # no credentials pickled into Tune's state
+        summary = json.loads(s3.get_object(Bucket="sweeps", Key="tiny/run1/sweep.json")["Body"].read())
+        assert len(summary["trials"]) == 2 and summary["counts"]["teacher_forwards_trials"] == 0
+
+        res = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "resuming (2 finished earlier, kept)" in res.stdout
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from amalgam.job import load_job
 
     job = load_job(args.job)
-    out = Path(args.out) if args.out else amalgam_home() / "sweeps" / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out if args.out else amalgam_home() / "sweeps" / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Trials print through Tune's status table; per-batch progress bars from a dozen worker
     # processes would bury it. Workers of an embedded Ray inherit this.
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from amalgam.job import Job, dump_job
+from amalgam.store.location import StoreLocation
 
 
 @dataclass
@@ -113,8 +115,17 @@ def plot_pareto(rows: list[TrialRow], front: list[TrialRow], best: TrialRow | No
     plt.close(fig)
 
 
-def write_results(out: Path, job: Job, rows: list[TrialRow], objective: str, counts: dict) -> dict:
-    """Write trials.csv, sweep.json, sweep.md, pareto.png and best.yaml; return the summary."""
+def write_results(loc: StoreLocation, job: Job, rows: list[TrialRow], objective: str, counts: dict) -> dict:
+    """Write trials.csv, sweep.json, sweep.md, pareto.png and best.yaml into the sweep directory
+    (local or S3: each file is written whole, atomically); return the summary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = _write_local(Path(tmp), job, rows, objective, counts)
+        for f in sorted(Path(tmp).iterdir()):
+            loc.write_bytes(f.name, f.read_bytes())
+    return summary
+
+
+def _write_local(out: Path, job: Job, rows: list[TrialRow], objective: str, counts: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     front, best = pareto_front(rows), best_row(rows)
     with open(out / "trials.csv", "w", newline="") as f:

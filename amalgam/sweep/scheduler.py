@@ -12,26 +12,35 @@ Trials that were interrupted mid-run restart from epoch 1 and are recorded afres
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs as pafs
 from ray.tune.schedulers import ASHAScheduler
 
+from amalgam.store.location import S3Options, StoreLocation, open_store
 
-def finished_results(tune_dir: Path) -> dict[str, list[dict]]:
-    """trial id -> its reported results, for trials whose last result says done."""
+
+def finished_results(loc: StoreLocation) -> dict[str, list[dict]]:
+    """trial id -> its reported results, for trials whose last result says done.
+
+    ``loc`` is the Tune experiment directory (local or S3), each trial a subdirectory."""
     out = {}
-    for f in sorted(Path(tune_dir).glob("*/result.json")):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    for info in sorted(loc.list_dir("", recursive=True), key=lambda i: i.path):
+        rel = info.path[len(loc.root):].lstrip("/")
+        if info.type != pafs.FileType.File or rel.count("/") != 1 or not rel.endswith("/result.json"):
+            continue
+        rows = [json.loads(line) for line in loc.read_bytes(rel).decode().splitlines() if line.strip()]
         if rows and rows[-1].get("done"):
             out[rows[-1]["trial_id"]] = rows
     return out
 
 
 class ResumableASHA(ASHAScheduler):
-    def __init__(self, tune_dir: str, **kwargs):
+    def __init__(self, tune_uri: str, s3: dict | None = None, **kwargs):
+        # A URI and options, not a filesystem object: this object is pickled into the
+        # experiment (tuner.pkl), and a pickled S3 filesystem would carry the credentials.
         super().__init__(**kwargs)
-        self._tune_dir = tune_dir
+        self._tune_uri, self._s3 = tune_uri, s3 or {}
         self._seeded = False
 
     def _seed(self) -> None:
@@ -39,7 +48,7 @@ class ResumableASHA(ASHAScheduler):
             return
         self._seeded = True
         bracket = self._brackets[0]  # one bracket (brackets=1): every trial lands in it
-        for trial_id, rows in finished_results(Path(self._tune_dir)).items():
+        for trial_id, rows in finished_results(open_store(self._tune_uri, S3Options(**self._s3))).items():
             trial = SimpleNamespace(trial_id=trial_id)
             for r in rows:
                 if self._time_attr in r and self._metric in r:
