@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -60,3 +62,15 @@ def fit_trainer(loop, job: object, kind: str, run_dir, workers: int, cpus_per_wo
         ),
     )
     return trainer.fit()
+
+
+def inject_fault(fail_at: dict | None, rank: int, epoch: int, step: int, what: str) -> None:
+    """Test-only fault injection (a job's ``fail_at: {rank, epoch, marker}``): at the fourth step
+    of that epoch the worker process exits once, like a lost node. The marker file makes it
+    happen once only, so the restarted worker group runs through."""
+    if fail_at and fail_at["rank"] == rank and fail_at["epoch"] == epoch and step == 3:
+        marker = Path(fail_at["marker"])
+        if not marker.exists():
+            marker.write_text(f"killed {what} rank {rank} in epoch {epoch}\n")
+            print(f"[{what}] rank {rank}: fault injection, worker exits in epoch {epoch + 1}", flush=True)
+            os._exit(1)

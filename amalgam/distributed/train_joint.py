@@ -18,7 +18,7 @@ import torch
 
 from amalgam.engine.joint import distill_loss
 from amalgam.student_io import DeployedStudent
-from amalgam.distributed.runs import fit_trainer
+from amalgam.distributed.runs import fit_trainer, inject_fault
 from amalgam.zoo.arch import CNNConfig, TappedCNN
 from amalgam.zoo.manifest import InputSpec
 
@@ -37,6 +37,7 @@ class JointJob:
     temperature: float
     seed: int
     threads: int = 1
+    fail_at: dict | None = None  # fault injection for tests: {"rank", "epoch", "marker"}
 
 
 def joint_worker(config: dict) -> None:
@@ -70,8 +71,10 @@ def joint_worker(config: dict) -> None:
     for epoch in range(start, job.epochs):
         ddp.train()
         total, n = 0.0, 0
-        for batch in shard.iter_torch_batches(batch_size=job.batch_size, local_shuffle_buffer_size=2048,
-                                              local_shuffle_seed=job.seed * 1000 + epoch, device="cpu"):
+        for step, batch in enumerate(shard.iter_torch_batches(
+                batch_size=job.batch_size, local_shuffle_buffer_size=2048, local_shuffle_seed=job.seed * 1000 + epoch,
+                device="cpu")):
+            inject_fault(job.fail_at, rank, epoch, step, "joint")
             x = batch["image"].float().div_(255.0)
             target = job.targets[batch["index"].long()]
             loss = distill_loss(ddp(x), target, job.loss, job.temperature)

@@ -16,7 +16,6 @@ starting over. Every rank reports once per epoch, as Ray Train V2 expects.
 from __future__ import annotations
 
 import heapq
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from amalgam.engine.stages import (
     stage_input,
 )
 from amalgam.engine.student import build_student
-from amalgam.distributed.runs import fit_trainer
+from amalgam.distributed.runs import fit_trainer, inject_fault
 from amalgam.zoo.arch import CNNConfig
 from amalgam.zoo.manifest import InputSpec, Normalize
 
@@ -138,12 +137,7 @@ def stage_worker(config: dict) -> None:
         lstsq = LstsqStats()
         t0 = time.perf_counter()
         for step, batch in enumerate(batches(epoch) if specs else ()):
-            if job.fail_at and job.fail_at["rank"] == rank and job.fail_at["epoch"] == epoch and step == 3:
-                marker = Path(job.fail_at["marker"])
-                if not marker.exists():  # die once, like a lost node
-                    marker.write_text(f"killed rank {rank} in epoch {epoch}\n")
-                    print(f"[stages] rank {rank}: fault injection, worker exits in epoch {epoch + 1}")
-                    os._exit(1)
+            inject_fault(job.fail_at, rank, epoch, step, "stages")
             if first is not None and epoch == 0:
                 stage1_update(lstsq, nets[first.name], batch["image"], batch["codes"][first.target_tap])
             for f in fitters.values():

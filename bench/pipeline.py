@@ -1,0 +1,166 @@
+"""The cached pipeline (teachers once, into the store) vs an online one (teachers in every step).
+
+Existing amalgamation libraries run the teachers inside every training step. We run them
+once on Ray, store compact codes, and train from the store. Which is faster depends on how
+expensive a teacher forward is compared with reading a stored code, and on how many epochs
+train from it. For the demo zoo and wider versions of it (same family, every layer x2 and
+x4 wide: about 4x and 16x the teacher MACs; random weights, which cost the same as trained
+ones), on the same pool and the same stage epochs, this prints:
+
+- online: one statistics pass + E epochs whose batches come from live teachers
+- cached: Ray extraction (statistics + codes into the Parquet store) + E epochs from the store
+- per sample: teacher forward + encode vs stored-code read, and the break-even epoch count
+  (extraction cost / per-epoch saving) after which the store pays.
+
+Both sides fit the same stages with the engine's ``fit_stages`` in this process (2 threads);
+the Ray cluster is started before timing (its start-up is a one-off per session, not per job).
+
+    .venv/bin/python bench/pipeline.py [--pool-per-dataset 2000] [--epochs 3] [--scales 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scaled_zoo(src_zoo: Path, out: Path, scale: int) -> Path:
+    """The demo zoo with every hidden layer ``scale`` x wider (random weights, same classes and taps)."""
+    from amalgam.zoo.arch import TappedCNN
+    from amalgam.zoo.manifest import TapSpec, ZooManifest, load_zoo, save_weights, write_manifest
+
+    manifest, teachers = load_zoo(src_zoo)
+    if scale == 1:
+        return src_zoo
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (e, t) in enumerate(zip(manifest.teachers, teachers)):
+        cfg = t.net.config
+        cfg = cfg.with_widths([w * scale for w in cfg.conv_widths + cfg.fc_widths] + [cfg.num_classes])
+        torch.manual_seed(i)
+        net = TappedCNN(cfg)
+        digest = save_weights(net, out / f"{e.name}.safetensors")
+        entries.append(e.model_copy(update={"arch_args": cfg.model_dump(), "weights": f"{e.name}.safetensors",
+                                            "sha256": digest, "taps": [TapSpec(**x.as_dict()) for x in net.feature_info()]}))
+    write_manifest(ZooManifest(name=f"{manifest.name}-x{scale}", teachers=entries), out / "zoo.yaml")
+    return out / "zoo.yaml"
+
+
+def drain(batches, epochs: int) -> float:
+    t0 = time.perf_counter()
+    for e in range(epochs):
+        for _ in batches(e):
+            pass
+    return time.perf_counter() - t0
+
+
+def measure(job, log) -> dict:
+    from amalgam.data.pool import build_pool
+    from amalgam.distributed.store_source import StoreSource
+    from amalgam.engine.calibrate import fit_calibration
+    from amalgam.engine.evaluate import count_macs
+    from amalgam.engine.run_local import OnlineSource, pool_input_spec
+    from amalgam.engine.stages import build_stages, fit_stages, stage_specs
+    from amalgam.engine.student import build_student, common_topology, student_config
+    from amalgam.zoo.manifest import Normalize, load_zoo
+
+    manifest, teachers = load_zoo(job.zoo_path())
+    space = manifest.class_space()
+    pool = build_pool(job.pool)
+    spec = pool_input_spec(pool)
+    norm = Normalize(spec.mean, spec.std)
+    epochs, bs = job.stages.epochs, job.stages.batch_size
+    steps = -(-len(pool) // bs)
+    teacher_macs = sum(count_macs(t, tuple(spec.shape)) for t in teachers)
+
+    def train(source, codecs, targets, tp) -> float:
+        widths = {t: c.width for t, c in codecs.items()}
+        cfg = student_config(common_topology([t.name for t in teachers], [t.net.config for t in teachers]),
+                             widths, len(space))
+        torch.manual_seed(0)
+        skeleton = build_student(cfg)
+        nets = build_stages(skeleton)
+        tv = {t: float(c.code_moments(tp.stats[t])[1].mean()) for t, c in codecs.items()}
+        tv["head"] = float(targets.var(0).mean())
+        batches = source.epoch_batches(codecs, targets, norm, bs, job.seed)
+        t0 = time.perf_counter()
+        fit_stages(stage_specs(skeleton), nets, tv, batches, epochs, steps, job.stages.lr, True, log)
+        return time.perf_counter() - t0
+
+    # Online: the statistics pass, then every epoch's batches from live teachers.
+    online = OnlineSource(job, teachers, pool, log)
+    t0 = time.perf_counter()
+    tp = online.teacher_pass()
+    codecs, _ = online.fit(tp.stats)
+    online_prep = time.perf_counter() - t0
+    targets = fit_calibration(tp.logits, space.slices, job.calibration)(tp.logits)
+    online_train = train(online, codecs, targets, tp)
+    online_batches = drain(online.epoch_batches(codecs, targets, norm, bs, job.seed), 1)
+
+    # Cached: Ray extraction into a fresh store, then every epoch from the store.
+    cached = StoreSource(job, teachers, pool, log)
+    t0 = time.perf_counter()
+    tp_c = cached.teacher_pass()
+    codecs_c, _ = cached.fit(tp_c.stats)
+    extract = time.perf_counter() - t0
+    cached_train = train(cached, codecs_c, targets, tp_c)
+    cached_batches = drain(cached.epoch_batches(codecs_c, targets, norm, bs, job.seed), 1)
+    n = len(pool)
+    saving = (online_batches - cached_batches) / n  # per sample per epoch
+    return {
+        "teacher_macs": teacher_macs, "online": online_prep + online_train, "cached": extract + cached_train,
+        "extract": extract, "online_prep": online_prep, "teacher_us": 1e6 * online_batches / n,
+        "read_us": 1e6 * cached_batches / n,
+        "break_even_epochs": (extract - online_prep) / (saving * n) if saving > 0 else float("inf"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool-per-dataset", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4])
+    args = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(2)
+
+    from amalgam.distributed.extract import ensure_ray
+    from amalgam.job import load_job
+
+    ensure_ray()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    base = load_job(ROOT / "jobs/mnist-fashion-4.yaml")
+    rows = []
+    try:
+        for scale in args.scales:
+            job = base.model_copy(deep=True)
+            for src in job.pool.sources:
+                src.count = args.pool_per_dataset
+            job.stages.epochs = args.epochs
+            job.zoo = str(scaled_zoo(base.zoo_path(), scratch / f"zoo-x{scale}", scale))
+            job.store.uri = str(scratch / f"store-x{scale}")
+            r = measure(job, lambda _m: None)
+            rows.append((scale, r))
+            print(f"x{scale}: online {r['online']:.1f}s, cached {r['cached']:.1f}s", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    base_macs = rows[0][1]["teacher_macs"]
+    print(f"\npool {2 * args.pool_per_dataset} images, {args.epochs} stage epochs, 4 teachers, 2 threads")
+    print("| zoo | teacher MACs (rel.) | online s | cached s (extraction) | online / cached | teacher fwd+encode us/sample "
+          "| stored read us/sample | store pays after (epochs) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for scale, r in rows:
+        print(f"| demo x{scale} wide | {r['teacher_macs'] / base_macs:.1f}x | {r['online']:.1f} | {r['cached']:.1f} "
+              f"({r['extract']:.1f}) | {r['online'] / r['cached']:.2f}x | {r['teacher_us']:.0f} | {r['read_us']:.0f} "
+              f"| {r['break_even_epochs']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
