@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 from amalgam.paths import amalgam_home
 
@@ -18,9 +17,19 @@ def _sweep(args: argparse.Namespace) -> None:
     # Trials print through Tune's status table; per-batch progress bars from a dozen worker
     # processes would bury it. Workers of an embedded Ray inherit this.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    from amalgam import metrics
     from amalgam.sweep.driver import run_sweep
 
-    run_sweep(job, out, args.address)
+    settings = metrics.MetricsSettings.from_env()
+    server = metrics.serve(settings.port, settings.addr) if settings.port is not None else None
+    if server:
+        print(f"[metrics] serving {server.url}")
+    with metrics.batch_job(settings.pushgateway, job.name):
+        with metrics.phase("tune"):
+            result = run_sweep(job, out, args.address)
+        status = {"completed": "completed", "stopped early": "pruned", "error": "failed"}
+        for row in result.rows:
+            metrics.trial_finished(status[row.status])
 
 
 def register(sub: argparse._SubParsersAction) -> None:
