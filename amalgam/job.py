@@ -73,6 +73,20 @@ class Amalgamation(_Strict):
         return max(k, self.width_for(tap, concat_channels, self.max_width)) if self.max_width else k
 
 
+class FailAt(_Strict):
+    """Test-only fault injection: rank ``rank`` exits once in epoch ``epoch`` (0-based), leaving
+    ``marker`` (a file name, created in the run directory: never a path a job could aim anywhere)."""
+
+    rank: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    marker: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    def resolved(self, run_dir) -> dict:
+        from pathlib import Path
+
+        return {"rank": self.rank, "epoch": self.epoch, "marker": str(Path(run_dir).resolve() / self.marker)}
+
+
 class Stages(_Strict):
     epochs: int = Field(3, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -81,7 +95,7 @@ class Stages(_Strict):
     workers: int = Field(2, ge=1, description="Ray Train workers fitting stages in parallel")
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
-    fail_at: dict | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
+    fail_at: FailAt | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 
 
 class Gate(_Strict):
@@ -101,6 +115,7 @@ class Joint(_Strict):
     batch_size: int = Field(128, ge=1)
     loss: Literal["kd", "mse"] = "kd"
     temperature: float = Field(2.0, gt=0)
+    fail_at: FailAt | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 
 
 class Baselines(_Strict):
@@ -201,6 +216,20 @@ class Sweep(_Strict):
         return v
 
 
+class Retrain(_Strict):
+    """Champion/challenger rules of ``amalgam retrain`` (scheduled retraining as the zoo grows)."""
+
+    tolerance: float = Field(0.01, ge=0, le=1, description="largest allowed drop of an old sub-task's figure")
+    holdout: float = Field(
+        0.1, gt=0, lt=1, description="pool fraction never trained on; fidelity to each teacher is scored on it"
+    )
+    evaluation: Literal["fidelity", "labelled"] = Field(
+        "fidelity",
+        description="fidelity: label-free agreement with each teacher on the held-out slice; "
+        "labelled: task-aware accuracy on evaluation.test",
+    )
+
+
 class Job(_Strict):
     version: int = JOB_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -216,6 +245,7 @@ class Job(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     extraction: Extraction = Field(default_factory=Extraction)
     sweep: Sweep | None = Field(None, description="search space of `amalgam sweep` (ignored by `amalgam run`)")
+    retrain: Retrain = Field(default_factory=Retrain, description="`amalgam retrain`: champion/challenger rules")
     seed: int = 0
 
     @field_validator("version")

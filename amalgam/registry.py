@@ -61,7 +61,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _finite(v: object) -> float | None:
+def finite_or_none(v: object) -> float | None:
     """A metric as a JSON-safe float: NaN/inf (an empty test slice) become None."""
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -88,12 +88,12 @@ class RecordMetrics(_Strict):
     @classmethod
     def from_student(cls, m: dict) -> "RecordMetrics":
         """From ``student.json`` metrics: flat ``task_aware/<t>``, ``fidelity/<t>`` keys (or nested dicts)."""
-        task = {k.split("/", 1)[1]: _finite(v) for k, v in m.items() if k.startswith("task_aware/")}
-        fid = {k.split("/", 1)[1]: _finite(v) for k, v in m.items() if k.startswith("fidelity/")}
+        task = {k.split("/", 1)[1]: finite_or_none(v) for k, v in m.items() if k.startswith("task_aware/")}
+        fid = {k.split("/", 1)[1]: finite_or_none(v) for k, v in m.items() if k.startswith("fidelity/")}
         for key, into in (("task_aware", task), ("fidelity", fid)):
             if isinstance(m.get(key), dict):
-                into.update({k: _finite(v) for k, v in m[key].items()})
-        return cls(comprehensive=_finite(m.get("comprehensive")), task_aware=task, fidelity=fid or None)
+                into.update({k: finite_or_none(v) for k, v in m[key].items()})
+        return cls(comprehensive=finite_or_none(m.get("comprehensive")), task_aware=task, fidelity=fid or None)
 
 
 class StudentRecord(_Strict):
@@ -486,6 +486,10 @@ class Registry:
             return
         rec = self.record(version)
         self._write_model(f"versions/{version:06d}/record.json", rec.model_copy(update={"status": status, "reason": reason}))
+
+    def reject(self, version: int, reason: str) -> None:
+        """Keep ``version`` as a rejected challenger, with the reason (it never became champion)."""
+        self._set_status(version, "rejected", reason)
 
     def promote(self, version: int, reason: str | None = None, expected_epoch: int | None = None) -> Transition:
         """Make ``version`` champion, if the champion is still the one read (``expected_epoch``, 0 = none).

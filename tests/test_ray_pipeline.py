@@ -104,8 +104,8 @@ def test_ray_stages_match_in_process_stages_and_survive_a_killed_worker(workdir:
     # Kill rank 0 in its third epoch: Ray Train restarts the group and ranks resume. (A death
     # right after the first report can race that checkpoint's registration and restart from
     # nothing, as Ray Train documents; dying one epoch later leaves a registered checkpoint.)
-    marker = workdir / "killed"
-    faulty = {**JOB, "stages": {**JOB["stages"], "fail_at": {"rank": 0, "epoch": 2, "marker": str(marker)}}}
+    marker = workdir / "faulty" / "killed"  # the marker is a file name inside the run directory
+    faulty = {**JOB, "stages": {**JOB["stages"], "fail_at": {"rank": 0, "epoch": 2, "marker": "killed"}}}
     report = _run(workdir, faulty, "faulty")
     logs = capfd.readouterr()
     text = logs.out + logs.err
@@ -113,3 +113,29 @@ def test_ray_stages_match_in_process_stages_and_survive_a_killed_worker(workdir:
     assert "fault injection, worker exits in epoch 3" in text
     assert re.search(r"restored from the checkpoint after epoch [12]\b", text)
     assert abs(_after_stages(report) - acc_ray) <= 0.01
+
+
+def _final(report: dict) -> float:
+    return next(m for m in report["methods"] if m["name"] == report["main"])["metrics"]["comprehensive"]
+
+
+@pytest.mark.slow
+def test_joint_stage_survives_a_killed_ddp_worker(workdir: Path, capfd):
+    """Kill DDP rank 1 in the third joint epoch: the group restarts from rank 0's epoch checkpoint."""
+    job = {**JOB, "joint": {"epochs": 4, "workers": 2}}
+    clean = _run(workdir, job, "joint-clean")
+    capfd.readouterr()
+    marker = workdir / "joint-faulty" / "killed"
+    faulty = {**job, "joint": {**job["joint"], "fail_at": {"rank": 1, "epoch": 2, "marker": "killed"}}}
+    report = _run(workdir, faulty, "joint-faulty")
+    text = "".join(capfd.readouterr())
+    assert marker.exists(), "the fault was not injected"
+    assert "[joint] rank 1: fault injection, worker exits in epoch 3" in text
+    assert re.search(r"\[joint\] rank \d: restored from checkpoint after epoch [12]\b", text)
+    assert len(report["extra"]["joint_curve"]) == 4
+    # A restart replays the interrupted epoch from the checkpoint, but Ray Data splits the rows
+    # between the restarted workers differently, so the trajectory is not bit-identical.
+    # Measured on this tiny job (1000 test images, a 0.74 student): three clean runs 0.743,
+    # 0.743, 0.741; clean 0.748 vs killed 0.741 in one test run. The same bound as the stage
+    # kill above (1 point); the 0.5-point criterion belongs to the demo job (issue 10).
+    assert abs(_final(report) - _final(clean)) <= 0.01, (_final(report), _final(clean))

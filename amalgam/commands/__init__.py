@@ -4,4 +4,4 @@ Commands import heavy modules (torch, ray) inside their handlers so ``amalgam --
 stays fast. Listed here in the order ``amalgam --help`` shows them.
 """
 
-COMMAND_MODULES = ["run", "sweep", "data", "zoo", "deploy", "submit", "store", "registry"]
+COMMAND_MODULES = ["run", "sweep", "retrain", "data", "zoo", "deploy", "submit", "store", "registry"]

@@ -21,6 +21,11 @@ single-process loop of ``bench/extract.py``, so all three do exactly the same wo
 Before a pass starts, the driver measures one small batch (teacher forwards, encoding,
 zstd Parquet bytes) and prints the expected bytes and time; a local store without the
 space is refused in one line before any teacher runs (:func:`check_capacity`).
+
+Incremental passes (``amalgam retrain`` adding teachers to a champion) run only the new
+teachers (``PassSpec.teachers``) and prepend, row by row, the champion's stored code to
+their features (``PassSpec.base_codes_key``): the same two passes over
+``[previous code | new teachers]``, and no old teacher is run.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from amalgam.engine.amalgamate import LinearCodec, TapStats
 from amalgam.engine.capture import capture_teachers
 from amalgam.errors import AmalgamError
 from amalgam.store.codecs import load_codecs, stats_from_bytes, stats_to_bytes
-from amalgam.store.dataset import Dataset, DatasetWriter, parquet_bytes, tensor_column
+from amalgam.store.dataset import Dataset, DatasetWriter, column_to_numpy, parquet_bytes, tensor_column
 from amalgam.store.fingerprint import short
 from amalgam.store.location import S3Options, StoreLocation, open_store
 from amalgam.zoo.manifest import load_zoo
@@ -79,6 +84,51 @@ class PassSpec:
     batch_size: int
     codecs_key: str | None = None
     torch_threads: int = 1
+    # Incremental amalgamation (``amalgam retrain``): run only these teachers of the zoo (zoo
+    # order; None = all), and prepend to every tap's features the code of an earlier codes
+    # dataset (same pool, row-aligned), cut to ``base_widths``: the statistics and codes are
+    # then those of ``[previous code | new teachers' features]``.
+    teachers: tuple[str, ...] | None = None
+    base_codes_key: str | None = None
+    base_widths: dict[str, int] | None = None
+
+
+def select_teachers(teachers: list, names: tuple[str, ...] | list[str] | None) -> list:
+    """The teachers named (in the order given), or all of them when ``names`` is None."""
+    if names is None:
+        return list(teachers)
+    by_name = {t.name: t for t in teachers}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise AmalgamError(f"teacher {missing[0]!r} is not in the zoo")
+    return [by_name[n] for n in names]
+
+
+def read_prefix(ds: Dataset, widths: dict[str, int], rows: range) -> dict[str, torch.Tensor]:
+    """Codes of pool rows ``rows`` from a committed codes dataset, each tap cut to ``widths[tap]`` (float32).
+
+    Rows are located by the dataset's shard layout (shard ``i`` holds rows ``[i*S, (i+1)*S)``)
+    and checked against its ``index`` column, so a different shard size is fine and a
+    misaligned dataset is refused.
+    """
+    size = ds.manifest.shard_size
+    if rows.stop > ds.manifest.num_rows:
+        raise AmalgamError(f"{ds.loc.uri_of(ds.key)}: {ds.manifest.num_rows} rows, rows up to {rows.stop - 1} asked for")
+    columns = ["index", *(f"code.{t}" for t in widths)]
+    first, last = rows.start // size, (rows.stop - 1) // size
+    table = pa.concat_tables([ds.read_shard(ds.manifest.shards[i], columns) for i in range(first, last + 1)])
+    lo = rows.start - first * size
+    table = table.slice(lo, len(rows))
+    index = column_to_numpy(table.column("index"))
+    if not np.array_equal(index, np.arange(rows.start, rows.stop)):
+        raise AmalgamError(f"{ds.loc.uri_of(ds.key)}: rows are not pool rows {rows.start}..{rows.stop - 1} in order")
+    out = {}
+    for tap, w in widths.items():
+        code = column_to_numpy(table.column(f"code.{tap}"))
+        if not 1 <= w <= code.shape[1]:
+            raise AmalgamError(f"{ds.loc.uri_of(ds.key)}: code.{tap} has {code.shape[1]} channels, {w} asked for")
+        out[tap] = torch.from_numpy(np.array(code[:, :w], dtype=np.float32))  # a writable copy
+    return out
 
 
 class ShardExtractor:
@@ -91,7 +141,7 @@ class ShardExtractor:
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, teachers = load_zoo(spec.zoo_path)  # verifies hashes, taps and shapes
-        self.teachers = [t.to(self.device) for t in teachers]
+        self.teachers = [t.to(self.device) for t in select_teachers(teachers, spec.teachers)]
         self.images = torch.from_numpy(np.array(ray.get(images_ref[0])))  # writable copy
         self.ids = ray.get(ids_ref[0])
         self.loc = open_store(spec.store_uri, S3Options(**spec.s3))
@@ -100,6 +150,7 @@ class ShardExtractor:
         if spec.codecs_key:
             self.codecs = {t: c.to(self.device) for t, c in load_codecs(self.loc, spec.codecs_key)[0].items()}
         self.taps = [i.name for i in self.teachers[0].taps()][:-1]
+        self.base = Dataset.open(self.loc, spec.base_codes_key) if spec.base_codes_key else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards, rows, forwards, seconds = [], [], [], []
@@ -115,8 +166,9 @@ class ShardExtractor:
 
     def _extract(self, shard: int) -> int:
         rows = self.writer.shard_rows(shard)
+        prefix = read_prefix(self.base, self.spec.base_widths or {}, rows) if self.base is not None else None
         cols = compute_rows(self.spec.kind, self.teachers, self.codecs, self.taps, self.images[rows.start:rows.stop],
-                            self.spec.batch_size, self.device)
+                            self.spec.batch_size, self.device, prefix)
         table, side = shard_table(self.spec.kind, rows, self.ids, self.images, cols)
         self.writer.write_shard(shard, table, side)
         return len(rows)
@@ -139,25 +191,31 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_rows(kind: str, teachers: list, codecs: dict[str, LinearCodec], taps: list[str], images: torch.Tensor,
-                 batch_size: int, device: torch.device | str = "cpu") -> ShardColumns:
+                 batch_size: int, device: torch.device | str = "cpu",
+                 prefix: dict[str, torch.Tensor] | None = None) -> ShardColumns:
     """Teacher forwards over ``images`` (uint8) in batches: logits plus statistics or codes.
 
     The one definition of a shard's content: actors, the capacity planner and the bench's
-    single-process loop all call it.
+    single-process loop all call it. ``prefix`` (tap -> [len(images), w, ...], row-aligned
+    with ``images``) is an earlier code prepended to every tap's features: the incremental
+    step of ``amalgam retrain`` (statistics and codes of ``[previous code | teachers]``).
     """
     infos = [{i.name: i for i in t.taps()} for t in teachers]
-    stats = {tap: TapStats([inf[tap].channels for inf in infos], infos[0][tap].kind) for tap in taps} \
+    pre_blocks = {tap: ([prefix[tap].shape[1]] if prefix is not None else []) for tap in taps}
+    stats = {tap: TapStats(pre_blocks[tap] + [inf[tap].channels for inf in infos], infos[0][tap].kind) for tap in taps} \
         if kind == "outputs" else None
     logits, codes = [], {tap: [] for tap in codecs}
     for start in range(0, len(images), batch_size):
         out, feats = capture_teachers(teachers, to_unit(images[start : start + batch_size]).to(device))
         logits.append(torch.cat(out, 1).float().cpu())
+        pre = {tap: [p[start : start + batch_size]] for tap, p in (prefix or {}).items()}
         if stats is not None:
             for tap in taps:
-                stats[tap].update([f[tap].cpu() for f in feats])
+                stats[tap].update([*pre.get(tap, []), *(f[tap].cpu() for f in feats)])
         else:
             for tap, codec in codecs.items():
-                codes[tap].append(codec.encode(torch.cat([f[tap] for f in feats], 1)).half().cpu())
+                x = torch.cat([*(p.to(device) for p in pre.get(tap, [])), *(f[tap] for f in feats)], 1)
+                codes[tap].append(codec.encode(x).half().cpu())
     return ShardColumns(torch.cat(logits), {tap: torch.cat(parts) for tap, parts in codes.items()}, stats)
 
 
@@ -208,7 +266,8 @@ def check_capacity(uri: str, need_bytes: int, free_bytes: int | None) -> None:
 
 
 def measure_plan(spec: PassSpec, teachers: list, codecs: dict[str, LinearCodec], taps: list[str], pool: Pool,
-                 writer: DatasetWriter, todo: list[int], parallel: int, sample_rows: int = PLAN_ROWS) -> CapacityPlan:
+                 writer: DatasetWriter, todo: list[int], parallel: int, sample_rows: int = PLAN_ROWS,
+                 base: Dataset | None = None) -> CapacityPlan:
     """Run the real shard work on the first ``sample_rows`` rows still to do, in this process, and extrapolate.
 
     Bytes: that batch's zstd Parquet bytes per row times the rows to write, plus the side
@@ -219,12 +278,15 @@ def measure_plan(spec: PassSpec, teachers: list, codecs: dict[str, LinearCodec],
     """
     first = writer.shard_rows(todo[0])
     rows = range(first.start, min(first.stop, first.start + sample_rows))
+    pre = read_prefix(base, spec.base_widths or {}, rows) if base is not None else None
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.torch_threads)
     try:
-        compute_rows(spec.kind, teachers, codecs, taps, pool.images[rows.start : rows.start + 4], spec.batch_size)
+        compute_rows(spec.kind, teachers, codecs, taps, pool.images[rows.start : rows.start + 4], spec.batch_size,
+                     prefix=None if pre is None else {t: p[:4] for t, p in pre.items()})
         t0 = time.perf_counter()
-        cols = compute_rows(spec.kind, teachers, codecs, taps, pool.images[rows.start : rows.stop], spec.batch_size)
+        cols = compute_rows(spec.kind, teachers, codecs, taps, pool.images[rows.start : rows.stop], spec.batch_size,
+                            prefix=pre)
         table, side = shard_table(spec.kind, rows, pool.ids, pool.images, cols)
         data = parquet_bytes(table)
         secs = time.perf_counter() - t0
@@ -347,9 +409,11 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
         parallel = min(ext.actors, len(todo))
         if teachers is None:
             _, teachers = load_zoo(spec.zoo_path)
+        teachers = select_teachers(teachers, spec.teachers)
         codecs = load_codecs(loc, spec.codecs_key)[0] if spec.codecs_key else {}
         taps = [i.name for i in teachers[0].taps()][:-1]
-        plan = measure_plan(spec, teachers, codecs, taps, pool, writer, todo, parallel)
+        base = Dataset.open(loc, spec.base_codes_key) if spec.base_codes_key else None
+        plan = measure_plan(spec, teachers, codecs, taps, pool, writer, todo, parallel, base=base)
         log(plan.line(spec.kind, parallel))
         timings["plan"] = time.perf_counter() - t0
         free = free_bytes() if callable(free_bytes) else free_bytes
@@ -370,7 +434,7 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
         total = sum(len(writer.shard_rows(i)) for i in todo)
         from amalgam.zoo.manifest import read_manifest
 
-        teacher_names = [t.name for t in read_manifest(spec.zoo_path).teachers]
+        teacher_names = [t.name for t in read_manifest(spec.zoo_path).teachers if spec.teachers is None or t.name in spec.teachers]
         bar = tqdm(total=total, desc=f"extract {spec.kind}", unit="sample", leave=False)
         t_launch = time.perf_counter()
         for row in out.iter_rows():
@@ -385,6 +449,11 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
     manifest = writer.commit(side_names)
     timings["commit"] = time.perf_counter() - t_commit
     secs = time.perf_counter() - t0
+    if not writer.won_commit:  # another job extracting the same dataset committed it first: the same shards
+        by = manifest.created_by
+        log(f"[extract] {spec.kind}: {loc.uri_of(spec.key)} was committed meanwhile by another job "
+            f"({by.get('host')} pid {by.get('pid')}); same shards, reusing it")
+        return PassResult(Dataset.open(loc, spec.key), forwards, secs, False, timings)
     rate = sum(len(writer.shard_rows(i)) for i in todo) / max(secs, 1e-9)
     startup = f", {timings['startup']:.1f} s of it Ray start-up" if "startup" in timings else ""
     log(f"[extract] {spec.kind}: committed {manifest.num_rows} rows in {len(manifest.shards)} shards "

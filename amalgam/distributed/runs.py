@@ -71,6 +71,7 @@ def inject_fault(fail_at: dict | None, rank: int, epoch: int, step: int, what: s
     if fail_at and fail_at["rank"] == rank and fail_at["epoch"] == epoch and step == 3:
         marker = Path(fail_at["marker"])
         if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"killed {what} rank {rank} in epoch {epoch}\n")
             print(f"[{what}] rank {rank}: fault injection, worker exits in epoch {epoch + 1}", flush=True)
             os._exit(1)

@@ -55,12 +55,31 @@ class StoreSource:
         self.outputs: Dataset | None = None
         ensure_ray(address)
 
-    def _spec(self, kind: str, key: str, fingerprints: dict[str, str], codecs: str | None = None) -> PassSpec:
+    def _spec(self, kind: str, key: str, fingerprints: dict[str, str], codecs: str | None = None,
+              **extra) -> PassSpec:
         return PassSpec(
             kind=kind, zoo_path=str(self.job.zoo_path()), store_uri=self.job.store_uri(),
             s3=self.job.store.s3.model_dump(), key=key, fingerprints=fingerprints, num_rows=len(self.pool),
             shard_size=self.job.extraction.shard_size, batch_size=self.job.extraction.batch_size, codecs_key=codecs,
+            **extra,
         )
+
+    def provenance(self) -> dict:
+        """Where this run's features are in the store (``report.json`` extra ``feature_store``).
+
+        ``amalgam retrain`` keeps it with a registered student: a later retrain that only adds
+        teachers reads the old teachers' logits (``logits``) and compact codes (``codes_key``,
+        cut to the student's widths) from here instead of running them again.
+        """
+        return {
+            "pool": self.pool_fp,
+            "zoo": self.zoo_fp,
+            "codes_key": self.codes.key if self.codes is not None else None,
+            "stored_widths": dict(getattr(self, "stored_widths", {}) or {}),
+            "code_teachers": [t.name for t in self.teachers],
+            "logits": [{"key": self.outputs.key, "teachers": [t.name for t in self.teachers],
+                        "classes": [len(t.entry.classes) for t in self.teachers]}] if self.outputs is not None else [],
+        }
 
     def teacher_pass(self) -> TeacherPassResult:
         spec = self._spec("outputs", outputs_key(self.zoo_fp, self.pool_fp), {"zoo": self.zoo_fp, "pool": self.pool_fp})
@@ -131,7 +150,7 @@ class StoreSource:
             widths=widths, target_var=target_var, head_targets=head_targets, store_uri=self.job.store_uri(),
             s3=self.job.store.s3.model_dump(), codes_key=self.codes.key, epochs=st.epochs, steps_per_epoch=steps,
             lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
-            assignment=assign_stages(costs, workers), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at,
+            assignment=assign_stages(costs, workers), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
         )
         states, curves = fit_stages_on_ray(job, run_dir, workers, st.cpus_per_worker, st.max_failures, self.log)
         for name, state in states.items():
@@ -148,7 +167,7 @@ class StoreSource:
             student_config=student.net.config.model_dump(), input_spec=student.spec.model_dump(),
             initial=student.state_dict(), targets=targets, num_rows=len(self.pool), loss=jc.loss, epochs=jc.epochs,
             lr=jc.lr, batch_size=jc.batch_size, temperature=jc.temperature, seed=self.job.seed,
-            threads=max(1, int(jc.cpus_per_worker)),
+            threads=max(1, int(jc.cpus_per_worker)), fail_at=jc.fail_at.resolved(run_dir) if jc.fail_at else None,
         )
         # Materialised before training: on a small cluster the DDP workers hold every CPU, and
         # streaming reads would wait for a CPU forever. Images are ~1 KB a row.

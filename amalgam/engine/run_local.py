@@ -237,11 +237,18 @@ def _only_task(metrics: Metrics, teacher: str) -> Metrics:
     )
 
 
-def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, phase=None) -> RunResult:
+def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, phase=None,
+              pool: Pool | None = None) -> RunResult:
     """Run the whole method; ``source_factory(job, teachers, pool, log)`` picks where features come
     from (default: teachers in-process; the store pipeline passes its own). ``phase(name)``, a
     context manager factory, brackets each step (the CLI passes the Prometheus phase tracker;
-    the engine itself knows nothing of metrics)."""
+    the engine itself knows nothing of metrics). ``pool`` replaces the job's pool (``amalgam
+    retrain`` passes the pool less a held-out slice it scores the student on).
+
+    A source may name the blocks of its statistics (``block_names``; default: the teachers),
+    when its codecs read something else than the teachers' concatenated features (the
+    incremental step reads ``[previous code | new teachers]``), and describe where its
+    features are stored (``provenance()``, into the report's ``feature_store``)."""
     phase = phase or (lambda _name: contextlib.nullcontext())
     t_start = time.perf_counter()
     torch.manual_seed(job.seed)
@@ -256,7 +263,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     job = job.model_copy(update={"zoo": str(job.zoo_path())})
     space: ClassSpace = manifest.class_space()
     ref_cfg = common_topology([t.name for t in teachers], [t.net.config for t in teachers])
-    pool = build_pool(job.pool)
+    pool = build_pool(job.pool) if pool is None else pool
     test = build_pool(job.evaluation.test)
     test_labels = space.remap(test.class_names, test.labels)
     log(f"[run] job {job.name}: {len(teachers)} teachers, {len(space)} classes, pool {len(pool)}, test {len(test)}")
@@ -274,6 +281,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     with phase("amalgamate"):
         codecs, ae_curves = source.fit(tp.stats)
     amalg_report = {}
+    block_names = getattr(source, "block_names", None) or [t.name for t in teachers]
     for tap, codec in codecs.items():
         err, var = codec.residual(tp.stats[tap])
         kept = codec.kept_variance(tp.stats[tap])
@@ -281,7 +289,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
             "concat_channels": tp.stats[tap].channels,
             "width": codec.width,
             "normalised_reconstruction_error": float(err.sum() / var.sum()),
-            "kept_variance": {(teachers[int(k.split("_")[1])].name if k.startswith("teacher_") else k): round(v, 5)
+            "kept_variance": {(block_names[int(k.split("_")[1])] if k.startswith("teacher_") else k): round(v, 5)
                               for k, v in kept.items()},
         }
         log(f"[amalgamate] {tap}: {tp.stats[tap].channels} -> {codec.width} channels, "
@@ -397,6 +405,8 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
         "pool_size": len(pool),
         "test_size": len(test),
     }
+    if hasattr(source, "provenance"):
+        extra["feature_store"] = source.provenance()
     write_report(run_dir, f"amalgam run {job.name}", space, results, main_name, curves, extra)
     log("\n" + format_table(space, results))
     log(f"\n[run] done in {timings['total']:.0f}s; run directory {run_dir}")

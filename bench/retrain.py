@@ -1,0 +1,161 @@
+"""Retraining benchmark: incremental amalgamation (IFA step, one teacher added) vs a full DFA run.
+
+On the demo zoo (``$AMALGAM_HOME/zoos/mnist-fashion-4``, trained small with ``train_zoo``
+when absent), three ``amalgam retrain`` calls through the real store pipeline (Ray
+extraction, stages on Ray Train, joint stage on Ray Train DDP):
+
+1. champion: the zoo less its last teacher, no champion yet -> a full run, promoted;
+2. **IFA**: the whole zoo, same store -> only the added teacher runs; its features join the
+   champion's stored compact codes (``[old code | new teacher]`` per tap);
+3. **DFA**: the whole zoo in a fresh store -> a full run (one auto-encoder per tap over all
+   teachers' features), the reference.
+
+2 and 3 train on the same pool rows (the same held-out slice is excluded) with the same
+student widths, stages and joint budget, so they differ only in how the compact codes were
+made. Printed: comprehensive and task-aware accuracy on the test set, label-free fidelity to
+each teacher on the held-out slice, teacher forwards and wall time of each (and its split:
+features = teacher passes + auto-encoder fit, training = stages + joint; the training
+budget is the same for both, so only the features part can differ by more than noise).
+
+    .venv/bin/python bench/retrain.py [--pool 4000] [--test 4000] [--stage-epochs 3] [--joint-epochs 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amalgam.paths import amalgam_home  # noqa: E402
+from amalgam.zoo.manifest import ZooManifest, load_zoo, read_manifest, write_manifest  # noqa: E402
+
+
+def sub_zoo(src: Path, out: Path, names: list[str]) -> Path:
+    """A zoo of the teachers ``names`` of ``src`` (weights copied: a manifest names files of its own directory)."""
+    manifest = read_manifest(src)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [t for t in manifest.teachers if t.name in names]
+    for t in entries:
+        shutil.copy2(src.parent / t.weights, out / t.weights)
+    write_manifest(ZooManifest(name=f"{manifest.name}-{len(entries)}", teachers=entries), out / "zoo.yaml")
+    return out / "zoo.yaml"
+
+
+def job_file(path: Path, zoo: Path, store: Path, args) -> Path:
+    half = args.pool // 2
+    raw = {
+        "version": 1, "name": "bench-retrain", "zoo": str(zoo),
+        "pool": {"sources": [{"dataset": "mnist", "count": half}, {"dataset": "fashion", "count": args.pool - half}]},
+        "amalgamation": {"widths": {"default": 0.4}},
+        "stages": {"epochs": args.stage_epochs, "lr": 0.01, "workers": 2},
+        "joint": {"epochs": args.joint_epochs},
+        "baselines": {"kd": False, "supervised": False},
+        "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": args.test // 2},
+                                            {"dataset": "fashion", "split": "test", "count": args.test // 2}]},
+                       "latency": False},
+        "store": {"uri": str(store)},
+        "extraction": {"actors": 2, "shard_size": 1024},
+        "retrain": {"holdout": 0.1, "tolerance": 0.01},
+    }
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run(job_path: Path, out: Path, quiet: bool):
+    from amalgam.job import load_job
+    from amalgam.retrain import retrain
+
+    log = (lambda _m: None) if quiet else print
+    t0 = time.perf_counter()
+    outcome = retrain(load_job(job_path), out, log=log)
+    return outcome, time.perf_counter() - t0
+
+
+def fidelity_of(outcome) -> dict[str, float]:
+    return outcome.report["fidelity"]["challenger"] or {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pool", type=int, default=4000, help="pool images (half MNIST, half Fashion-MNIST)")
+    p.add_argument("--test", type=int, default=4000, help="test images (half each)")
+    p.add_argument("--stage-epochs", type=int, default=3)
+    p.add_argument("--joint-epochs", type=int, default=2)
+    p.add_argument("--zoo", default=str(amalgam_home() / "zoos" / "mnist-fashion-4" / "zoo.yaml"))
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
+    zoo = Path(args.zoo)
+    if not zoo.is_file():
+        from amalgam.zoo.train import train_zoo
+
+        print(f"[bench] no zoo at {zoo}: training a small one")
+        train_zoo("mnist-fashion-4", work / "zoo-trained", limit=3000, epochs=2)
+        zoo = work / "zoo-trained" / "zoo.yaml"
+    manifest, _ = load_zoo(zoo)  # verify before anything
+    names = [t.name for t in manifest.teachers]
+    old, added = names[:-1], names[-1]
+    print(f"[bench] zoo {manifest.name}: champion on {', '.join(old)}; then + {added}")
+    small = sub_zoo(zoo, work / "zoo-small", old)
+    grown = sub_zoo(zoo, work / "zoo-grown", names)
+
+    j_small = job_file(work / "small.yaml", small, work / "store", args)
+    j_ifa = job_file(work / "ifa.yaml", grown, work / "store", args)
+    j_dfa = job_file(work / "dfa.yaml", grown, work / "store-dfa", args)
+    quiet = not args.verbose
+    champ, t_champ = run(j_small, work / "runs" / "champion", quiet)
+    print(f"[bench] champion v{champ.version}: {champ.mode}, {t_champ:.0f}s, {champ.teacher_forwards} teacher forwards")
+    ifa, t_ifa = run(j_ifa, work / "runs" / "ifa", quiet)
+    print(f"[bench] IFA v{ifa.version}: {ifa.mode}, {t_ifa:.0f}s; {'promoted' if ifa.promoted else 'rejected'}: {ifa.decision}")
+    dfa, t_dfa = run(j_dfa, work / "runs" / "dfa", quiet)
+    print(f"[bench] DFA v{dfa.version}: {dfa.mode}, {t_dfa:.0f}s")
+
+    rows = []
+    for label, o, secs in (("IFA (incremental, +1 teacher)", ifa, t_ifa), ("DFA (full run, grown zoo)", dfa, t_dfa)):
+        r, t = o.report, o.result.extra["timings_s"]
+        phases = {"features": round(t["teacher_statistics_pass"] + t["amalgamation_fit"], 1),
+                  "training": round(t["stages"] + t["joint"], 1)}
+        rows.append((label, r["comprehensive"], r["task_aware"], fidelity_of(o), r["teacher_forwards"], secs, phases))
+    print()
+    print(f"pool {args.pool} ({ifa.report['train_images']} trained on, {ifa.report['holdout_images']} held out), "
+          f"test {args.test}, stages {args.stage_epochs} epochs, joint {args.joint_epochs} epochs, "
+          f"{torch.get_num_threads()} torch threads")
+    header = ["method", "comprehensive", *(f"task-aware {n}" for n in names), *(f"fidelity {n}" for n in names),
+              "teacher forwards (extract + held-out)", "wall s", "features s", "training s"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for label, comp, task, fid, fw, secs, phases in rows:
+        cells = [label, f"{comp:.4f}", *(f"{task.get(n, float('nan')):.4f}" for n in names),
+                 *(f"{fid.get(n, float('nan')):.4f}" for n in names),
+                 f"{fw['total']} ({fw['extraction']} + {fw['holdout']})", f"{secs:.0f}",
+                 f"{phases['features']:.0f}", f"{phases['training']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
+    summary = {"args": vars(args), "champion_seconds": t_champ, "champion_forwards": champ.teacher_forwards,
+               "rows": [dict(zip(["method", "comprehensive", "task_aware", "fidelity", "teacher_forwards", "seconds",
+                                  "phases_s"], r))
+                        for r in rows]}
+    print("\n" + json.dumps(summary, default=str))
+    if args.keep:
+        print(f"[bench] work directory kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    import ray
+
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""``amalgam retrain``: the zoo diff, incremental extraction, and the whole lifecycle on a real local Ray.
+
+Fast tests check the pieces (the diff, the held-out split, the job section, and that an
+incremental pass computes exactly the statistics and codes of ``[previous code | new
+teachers]``). The slow test trains three tiny teachers and walks a student line through
+the issue's story: first retrain (no champion: full run, promoted), an unchanged zoo
+(nothing to do, no teacher loaded), a teacher added (dry run writes nothing; then only the
+new teacher runs, the class space grows in zoo order, v2 is judged), a teacher removed
+(full run, its classes gone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from amalgam.engine.amalgamate import TapStats
+from amalgam.errors import AmalgamError
+from amalgam.registry import RecordMetrics, Registry, StudentRecord, TeacherRef
+from amalgam.retrain import diff_zoo, holdout_split, read_state
+from tests.conftest import make_tiny_zoo
+
+
+# ------------------------------------------------------------------------------------------- fast
+
+def _record(teachers: list[tuple[str, str, list[str]]]) -> StudentRecord:
+    return StudentRecord(
+        version=1, name="x", created="2026-01-01T00:00:00+00:00", zoo_fingerprint="z",
+        teachers=[TeacherRef(name=n, sha256=s * 64, classes=c) for n, s, c in teachers],
+        metrics=RecordMetrics(), params=1, sha256="0" * 64, run_dir="/r",
+    )
+
+
+class _Entry:
+    def __init__(self, name: str, sha: str, classes: list[str]):
+        self.name, self.sha256, self.classes = name, sha * 64, classes
+
+
+def test_diff_sorts_teachers_into_unchanged_new_changed_removed():
+    champ = _record([("a", "1", ["m/0", "m/1"]), ("b", "2", ["m/2", "m/3"]), ("c", "3", ["f/0", "f/1"])])
+    zoo = [_Entry("a", "1", ["m/0", "m/1"]), _Entry("n", "4", ["f/5", "f/6"]), _Entry("b", "5", ["m/2", "m/3"])]
+    d = diff_zoo(champ, zoo)
+    assert (d.unchanged, d.new, d.changed, d.removed) == (["a"], ["n"], ["b"], ["c"])
+    assert not d.nothing
+    # Same weights but other classes: changed too.
+    assert diff_zoo(champ, [_Entry("a", "1", ["m/0", "m/9"])]).changed == ["a"]
+    same = diff_zoo(champ, [_Entry("c", "3", ["f/0", "f/1"]), _Entry("a", "1", ["m/0", "m/1"]),
+                            _Entry("b", "2", ["m/2", "m/3"])])
+    assert same.nothing  # order does not matter
+    assert diff_zoo(None, zoo).new == ["a", "n", "b"]
+
+
+def test_holdout_split_is_deterministic_and_disjoint():
+    train, held = holdout_split(1000, 0.1, 3)
+    train2, held2 = holdout_split(1000, 0.1, 3)
+    assert torch.equal(train, train2) and torch.equal(held, held2)
+    assert len(held) == 100 and len(train) == 900
+    assert set(train.tolist()).isdisjoint(held.tolist())
+    assert sorted(train.tolist() + held.tolist()) == list(range(1000))
+
+
+def test_job_retrain_section_is_strict():
+    from amalgam.job import Job
+
+    base = {"name": "j", "zoo": "z.yaml", "pool": {"sources": [{"dataset": "mnist"}]}}
+    job = Job.model_validate(base)
+    assert (job.retrain.tolerance, job.retrain.holdout, job.retrain.evaluation) == (0.01, 0.1, "fidelity")
+    assert Job.model_validate({**base, "retrain": {"evaluation": "labelled", "tolerance": 0.05}}).retrain.tolerance == 0.05
+    for bad in ({"evaluation": "accuracy"}, {"holdout": 0}, {"tolerance": -1}, {"tolerence": 0.1}):
+        with pytest.raises(Exception):
+            Job.model_validate({**base, "retrain": bad})
+
+
+def test_incremental_rows_are_the_statistics_and_codes_of_previous_code_plus_new_teachers(tmp_path):
+    """compute_rows with a prefix == the engine's TapStats / codec on the explicit concatenation."""
+    from amalgam.data.datasets import to_float
+    from amalgam.distributed.extract import compute_rows
+    from amalgam.engine.amalgamate import fit_pca
+    from amalgam.engine.capture import capture_teachers
+    from amalgam.zoo.manifest import load_zoo
+
+    zoo = make_tiny_zoo(tmp_path / "zoo", [("a", ["mnist/0", "mnist/1"], [4, 8]), ("b", ["mnist/2", "mnist/3"], [6, 8])])
+    _, teachers = load_zoo(zoo)
+    new = teachers[1:]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    taps = [i.name for i in teachers[0].taps()][:-1]
+    _, feats_a = capture_teachers(teachers[:1], to_float(images))
+    prefix = {t: feats_a[0][t][:, :3].clone() for t in taps}  # a stand-in "previous code" of width 3
+    cols = compute_rows("outputs", new, {}, taps, images, batch_size=16, prefix=prefix)
+    out, feats = capture_teachers(new, to_float(images))
+    assert torch.allclose(cols.logits, torch.cat(out, 1))
+    codecs = {}
+    for t in taps:
+        ref = TapStats([3, feats[0][t].shape[1]], cols.stats[t].kind)
+        ref.update([prefix[t], feats[0][t]])
+        assert cols.stats[t].blocks == ref.blocks and cols.stats[t].count == ref.count
+        assert torch.allclose(cols.stats[t].gram, ref.gram, rtol=1e-6, atol=1e-6)
+        codecs[t] = fit_pca(ref, True).codec(2)
+    codes = compute_rows("codes", new, codecs, taps, images, batch_size=16, prefix=prefix)
+    for t in taps:
+        want = codecs[t].encode(torch.cat([prefix[t], feats[0][t]], 1)).half()
+        assert torch.allclose(codes.codes[t].float(), want.float(), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------- lifecycle
+
+TINY = {"conv_widths": [8, 16], "fc_widths": [32]}
+TINY_WIDE = {"conv_widths": [12, 16], "fc_widths": [48]}
+POOL_MNIST, POOL_FASHION = 600, 300
+
+
+@pytest.fixture(scope="module")
+def zoo_entries(tmp_path_factory, data_root):
+    from amalgam.zoo.train import TeacherRecipe, train_teacher
+
+    d = tmp_path_factory.mktemp("retrain")
+    (d / "zoo").mkdir()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    recipes = [
+        TeacherRecipe("mnist-0-4", "mnist", [0, 1, 2, 3, 4], TINY, epochs=1, target_accuracy=0.5),
+        TeacherRecipe("mnist-5-9", "mnist", [5, 6, 7, 8, 9], TINY_WIDE, epochs=1, target_accuracy=0.5),
+        TeacherRecipe("fashion-0-4", "fashion", [0, 1, 2, 3, 4], TINY, epochs=1, target_accuracy=0.5),
+    ]
+    entries = {r.name: train_teacher(r, d / "zoo", data_root, limit=1000, epochs=1, seed=i)
+               for i, r in enumerate(recipes)}
+    torch.set_num_threads(before)
+    yield d, entries
+    import ray
+
+    ray.shutdown()
+
+
+def _zoo(d: Path, entries: dict, names: list[str]) -> None:
+    from amalgam.zoo.manifest import ZooManifest, write_manifest
+
+    write_manifest(ZooManifest(name="tiny3", teachers=[entries[n] for n in names]), d / "zoo" / "zoo.yaml")
+
+
+def _job(d: Path) -> Path:
+    raw = {
+        "version": 1, "name": "tiny-retrain", "zoo": "zoo/zoo.yaml",
+        "pool": {"sources": [{"dataset": "mnist", "count": POOL_MNIST}, {"dataset": "fashion", "count": POOL_FASHION}]},
+        "amalgamation": {"widths": {"default": 0.4}},
+        "stages": {"epochs": 1, "lr": 0.01, "workers": 1},
+        "joint": {"epochs": 0},
+        "baselines": {"kd": False, "supervised": False},
+        "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": 300},
+                                            {"dataset": "fashion", "split": "test", "count": 300}]}, "latency": False},
+        "store": {"uri": "store"},
+        "extraction": {"actors": 1, "shard_size": 512},
+        "retrain": {"holdout": 0.1, "tolerance": 0.01},
+    }
+    path = d / "job.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _cli(monkeypatch, *argv: str) -> int:
+    import amalgam.cli as cli
+
+    if "retrain" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "retrain"])
+    return cli.main(list(argv))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_retrain_lifecycle(zoo_entries, monkeypatch, capfd):
+    d, entries = zoo_entries
+    job = _job(d)
+    store = d / "store"
+    classes = {n: list(e.classes) for n, e in entries.items()}
+    n_pool = POOL_MNIST + POOL_FASHION
+    n_train, n_hold = len(holdout_split(n_pool, 0.1, 0)[0]), len(holdout_split(n_pool, 0.1, 0)[1])
+
+    # 1. No champion yet: a full run over the zoo, registered and promoted.
+    _zoo(d, entries, ["mnist-0-4", "mnist-5-9"])
+    assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "v1")) == 0
+    text = capfd.readouterr().out
+    assert "plan: full amalgamation (no champion yet)" in text
+    reg = Registry.open(str(store), "tiny-retrain")
+    assert reg.head().version == 1
+    r1 = json.loads((d / "runs" / "v1" / "retrain.json").read_text())
+    assert r1["mode"] == "full" and r1["promoted"] is True
+    assert r1["teacher_forwards"] == {"extraction": n_train * 2 * 2, "holdout": n_hold * 2, "total": (n_train * 2 + n_hold) * 2}
+    state1 = read_state(reg, 1)
+    assert state1.kind == "full" and [t.name for t in state1.code_teachers] == ["mnist-0-4", "mnist-5-9"]
+    assert reg.record(1).metrics.fidelity and set(reg.record(1).metrics.fidelity) == {"mnist-0-4", "mnist-5-9"}
+
+    # 2. The same zoo again: nothing to do, exit 0, no teacher even loaded.
+    import amalgam.zoo.manifest as zm
+
+    def no_teacher(*_a, **_k):
+        raise AssertionError("a teacher was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(zm, "load_teacher", no_teacher)
+        m.setattr(zm, "load_zoo", no_teacher)
+        assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "none")) == 0
+    text = capfd.readouterr().out
+    assert "nothing to do (teacher forwards: 0)" in text
+    assert not (d / "runs" / "none").exists() and reg.committed_versions()[0] == [1]
+
+    # 3. A teacher added (in the middle of the zoo): a dry run says what it would do and writes nothing.
+    _zoo(d, entries, ["mnist-0-4", "fashion-0-4", "mnist-5-9"])
+    before = _snapshot(store)
+    assert _cli(monkeypatch, "retrain", str(job), "--dry-run", "--out", str(d / "runs" / "dry")) == 0
+    text = capfd.readouterr().out
+    assert "new: fashion-0-4" in text and "plan: incremental amalgamation" in text
+    assert f"fashion-0-4 on {n_train} training images x 2 passes" in text
+    assert f"total {n_train * 2 + n_hold} teacher forwards" in text
+    assert _snapshot(store) == before and not (d / "runs" / "dry").exists()
+
+    # 4. Only the new teacher runs; the class space grows, in zoo order; v2 is judged.
+    assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "v2")) == 0
+    text = capfd.readouterr().out
+    r2 = json.loads((d / "runs" / "v2" / "retrain.json").read_text())
+    assert r2["mode"] == "incremental" and r2["diff"]["new"] == ["fashion-0-4"]
+    assert r2["teacher_forwards"] == {"extraction": n_train * 1 * 2, "holdout": n_hold * 1, "total": n_train * 2 + n_hold}
+    report = json.loads((d / "runs" / "v2" / "report.json").read_text())
+    assert report["extra"]["teacher_forwards"] == n_train * 2
+    assert report["extra"]["feature_source"].startswith("store (incremental")
+    assert set(report["extra"]["amalgamation"]["conv1"]["kept_variance"]) == {"total", "previous code", "fashion-0-4"}
+    rec2 = reg.record(2)
+    assert rec2.classes == classes["mnist-0-4"] + classes["fashion-0-4"] + classes["mnist-5-9"]
+    assert rec2.lineage == 1 and read_state(reg, 2).kind == "incremental"
+    assert r2["decision"] and f"registered v2 (15 classes): " in text
+    status = reg.status_of(rec2, reg.head())
+    if r2["promoted"]:
+        assert status == "champion" and reg.head().version == 2
+    else:
+        assert status == "rejected" and rec2.reason == r2["decision"] and reg.head().version == 1
+    assert set(r2["challenger"]["fidelity"]) == {"mnist-0-4", "fashion-0-4", "mnist-5-9"}
+
+    # 5. A teacher removed: full run over the current zoo; its classes leave the class space.
+    _zoo(d, entries, ["mnist-0-4", "fashion-0-4"])
+    assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "v3")) == 0
+    text = capfd.readouterr().out
+    r3 = json.loads((d / "runs" / "v3" / "retrain.json").read_text())
+    assert r3["mode"] == "full" and "removed mnist-5-9" in r3["reason"]
+    rec3 = reg.record(3)
+    assert rec3.classes == classes["mnist-0-4"] + classes["fashion-0-4"]
+    assert not set(classes["mnist-5-9"]) & set(rec3.classes)
+    assert r3["decision"]
+    # Held-out logits of both teachers were stored before: no teacher re-run for them.
+    assert r3["teacher_forwards"]["holdout"] == 0
