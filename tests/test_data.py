@@ -67,3 +67,11 @@ def test_pool_ids_are_stable_and_labels_align(data_root):
 def test_pool_spec_rejects_unknown_fields():
     with pytest.raises(Exception, match="extra"):
         PoolSpec.model_validate({"sources": [{"dataset": "mnist", "cnt": 3}]})
+
+
+def test_class_names_are_torchvisions():
+    # amalgam.data.datasets spells them out so that parsing a job needs no torchvision import.
+    from amalgam.data.datasets import CLASS_NAMES
+
+    assert CLASS_NAMES["fashion"] == list(tvd.FashionMNIST.classes)
+    assert CLASS_NAMES["mnist"] == [c.split(" - ")[0] for c in tvd.MNIST.classes]

@@ -350,7 +350,8 @@ def test_cli_verify_names_the_corrupt_shard_and_fails(store_uri, capsys):
     assert cap.out.splitlines() == [
         f"FAIL {KEY}: {store_uri}/{KEY}/shards/shard-00002.parquet: checksum mismatch (shard 2 is corrupt)",
         "ok   outputs/zz/yy: 10 rows, 1 shards"]
-    assert cap.err == f"amalgam: error: {store_uri}: 1 of 2 datasets failed verification\n"
+    assert cap.err == (f"amalgam: error: {store_uri}: 1 of 2 datasets failed verification; first: "
+                       f"{store_uri}/{KEY}/shards/shard-00002.parquet: checksum mismatch (shard 2 is corrupt)\n")
     loc.fs.delete_file(loc.path(f"outputs/zz/yy/{MANIFEST}"))  # an uncommitted dataset named explicitly
     assert main(["store", "verify", store_uri, "outputs/zz/yy"]) == 2
     assert capsys.readouterr().out == f"FAIL outputs/zz/yy: {store_uri}/outputs/zz/yy: no manifest, the dataset was never committed\n"

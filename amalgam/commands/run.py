@@ -11,11 +11,13 @@ from amalgam.paths import amalgam_home
 
 def _validate(args: argparse.Namespace) -> None:
     from amalgam.job import load_job
-    from amalgam.engine.student import common_topology
+
+    job = load_job(args.job)  # before importing torch: a bad job file is reported at once
+
     from amalgam.data.datasets import load_split
+    from amalgam.engine.student import common_topology
     from amalgam.zoo.manifest import load_zoo
 
-    job = load_job(args.job)
     manifest, teachers = load_zoo(job.zoo_path())  # hashes, taps, shapes
     common_topology([t.name for t in teachers], [t.net.config for t in teachers])
     for spec in (job.pool, job.evaluation.test):

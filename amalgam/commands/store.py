@@ -91,7 +91,7 @@ def _verify(args: argparse.Namespace) -> None:
     entries = [find(loc, args.key)] if args.key else [e for e in scan(loc) if e.kind != "codecs" and e.committed]
     if args.key and entries[0].kind == "codecs":
         raise AmalgamError(f"{loc.uri_of(entries[0].key)}: codecs have no checksummed shards; verify a dataset")
-    bad = 0
+    bad, first = 0, ""
     for e in entries:
         try:
             ds = Dataset.open(loc, e.key)  # a missing or malformed manifest is itself a failure
@@ -100,12 +100,14 @@ def _verify(args: argparse.Namespace) -> None:
             problems = [str(exc)]
         if problems:
             bad += 1
+            first = first or problems[0]
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             print(f"FAIL {e.key}: {problems[0]}{more}")
         else:
             print(f"ok   {e.key}: {ds.manifest.num_rows} rows, {len(ds.manifest.shards)} shards")
     if bad:
-        raise AmalgamError(f"{loc.uri}: {bad} of {len(entries)} datasets failed verification")
+        # The one error line names the culprit itself; the FAIL lines above list every bad dataset.
+        raise AmalgamError(f"{loc.uri}: {bad} of {len(entries)} datasets failed verification; first: {first}")
     print(f"{loc.uri}: {len(entries)} datasets verified")
 
 

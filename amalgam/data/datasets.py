@@ -10,21 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-
-import torch
-from torchvision import datasets as tvd
+from typing import TYPE_CHECKING, Literal
 
 from amalgam.errors import AmalgamError
 from amalgam.paths import default_data_root
 
+if TYPE_CHECKING:  # annotations only: the tensors come from torchvision
+    import torch
+
 DatasetName = Literal["mnist", "fashion"]
 Split = Literal["train", "test"]
 
-_TORCHVISION = {"mnist": tvd.MNIST, "fashion": tvd.FashionMNIST}
+# torchvision dataset class per name. torchvision is imported only when a split is loaded:
+# importing it costs about a second (it pulls in torch._dynamo), which every CLI command
+# that merely parses a job would otherwise pay.
+_TORCHVISION = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 CLASS_NAMES: dict[str, list[str]] = {
     "mnist": [str(i) for i in range(10)],
-    "fashion": list(tvd.FashionMNIST.classes),
+    # = torchvision.datasets.FashionMNIST.classes (tests/test_data.py checks they agree)
+    "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
 
 
@@ -46,7 +50,9 @@ class LabeledImages:
 
 @lru_cache(maxsize=8)
 def _load_cached(name: str, split: str, root: str) -> LabeledImages:
-    cls = _TORCHVISION[name]
+    from torchvision import datasets as tvd
+
+    cls = getattr(tvd, _TORCHVISION[name])
     try:
         ds = cls(root, train=(split == "train"), download=False)
     except RuntimeError as exc:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from amalgam.data.datasets import DatasetName, Split, load_split
+
+if TYPE_CHECKING:  # torch is imported where pools are built: parsing a job (PoolSpec) needs none of it
+    import torch
 
 
 class PoolSource(BaseModel):
@@ -42,6 +45,8 @@ class Pool:
         return len(self.ids)
 
     def subset(self, index: torch.Tensor | slice) -> "Pool":
+        import torch
+
         idx = torch.arange(len(self.ids))[index]
         return Pool([self.ids[i] for i in idx.tolist()], self.images[idx], self.labels[idx], self.class_names)
 
@@ -54,6 +59,8 @@ class Pool:
 
 
 def build_pool(spec: PoolSpec, root: Path | str | None = None) -> Pool:
+    import torch
+
     ids: list[str] = []
     images, labels, class_names = [], [], []
     offsets: dict[str, int] = {}

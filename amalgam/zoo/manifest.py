@@ -1,8 +1,9 @@
 """The zoo manifest (``zoo.yaml``) and safe teacher loading.
 
 Teacher weights are untrusted input: they are read only from safetensors (no pickle is
-ever executed), their SHA-256 must match the manifest, and their tensor shapes and taps
-must match the declared architecture. Every refusal is one line naming the teacher.
+ever executed), they must lie inside the zoo directory, their SHA-256 must match the
+manifest, and their tensor shapes, taps (channels, kind, stride) and input shape must match
+the declared architecture. Every refusal is one line naming the teacher.
 """
 
 from __future__ import annotations
@@ -55,12 +56,22 @@ class TeacherEntry(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     arch: str
     arch_args: dict
-    weights: str  # path relative to the manifest's directory
+    weights: str  # path relative to the manifest's directory, and inside it
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     classes: list[str] = Field(min_length=2)
     input: InputSpec
     taps: list[TapSpec] = Field(min_length=1)
     metrics: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _inside_the_zoo(cls, v: str) -> str:
+        # A manifest names files of its own zoo only: a path out of it could make loading
+        # read (and hash) any file on the machine.
+        parts = v.replace("\\", "/").split("/")
+        if not v or v.startswith("/") or ".." in parts or "://" in v:
+            raise ValueError(f"must be a path inside the zoo directory, got {v!r}")
+        return v
 
 
 class ZooManifest(BaseModel):
@@ -156,6 +167,22 @@ def check_taps(entry: TeacherEntry, net: TappedCNN) -> None:
                 f"teacher {entry.name}: tap {tap.path} declared {tap.kind}/{tap.channels} channels, "
                 f"architecture has {info.kind + '/' + str(info.channels) if info else 'no such tap'}"
             )
+        if info.stride != tap.stride:  # the tap's spatial size: stages and codecs are built from it
+            raise AmalgamError(
+                f"teacher {entry.name}: tap {tap.path} declared stride {tap.stride}, architecture has stride {info.stride}"
+            )
+        if info.name != tap.name:
+            raise AmalgamError(f"teacher {entry.name}: tap {tap.path} declared as {tap.name!r}, architecture calls it {info.name!r}")
+
+
+def check_input(entry: TeacherEntry, net: TappedCNN) -> None:
+    """The declared input spec must be what the architecture takes: the pool is resized to it."""
+    cfg = net.config
+    expected = [cfg.in_channels, cfg.image_size, cfg.image_size]
+    if entry.input.shape != expected:
+        raise AmalgamError(f"teacher {entry.name}: input shape {entry.input.shape}, architecture expects {expected}")
+    if not (len(entry.input.mean) == len(entry.input.std) == cfg.in_channels):
+        raise AmalgamError(f"teacher {entry.name}: input mean/std need {cfg.in_channels} value(s) each, one per channel")
 
 
 def load_teacher(entry: TeacherEntry, base_dir: Path | str) -> Teacher:
@@ -165,8 +192,8 @@ def load_teacher(entry: TeacherEntry, base_dir: Path | str) -> Teacher:
         raise AmalgamError(f"teacher {entry.name}: weights file {path} not found")
     if path.suffix != ".safetensors":
         raise AmalgamError(
-            f"teacher {entry.name}: weights {path.name} are not safetensors; convert a state_dict with "
-            "`amalgam zoo import` (pickled checkpoints are never loaded)"
+            f"teacher {entry.name}: weights {path.name} are not safetensors (pickled checkpoints are never loaded); "
+            "save the state_dict with safetensors.torch.save_file and update sha256"
         )
     digest = sha256_file(path)
     if digest != entry.sha256:
@@ -177,6 +204,7 @@ def load_teacher(entry: TeacherEntry, base_dir: Path | str) -> Teacher:
         raise AmalgamError(f"teacher {entry.name}: bad architecture {entry.arch} {entry.arch_args}: {str(exc).splitlines()[0]}") from None
     if net.config.num_classes != len(entry.classes):
         raise AmalgamError(f"teacher {entry.name}: {len(entry.classes)} classes listed, architecture outputs {net.config.num_classes}")
+    check_input(entry, net)
     check_taps(entry, net)
     try:
         state = load_file(str(path))
