@@ -153,16 +153,20 @@ class ShardExtractor:
         self.base = Dataset.open(self.loc, spec.base_codes_key) if spec.base_codes_key else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shards, rows, forwards, seconds = [], [], [], []
+        shards, rows, forwards, seconds, errors = [], [], [], [], []
         for i in batch["shard"].tolist():
             t0 = time.perf_counter()
-            n = self._extract(int(i))
+            try:
+                n, error = self._extract(int(i)), ""
+            except AmalgamError as exc:  # raised here, the driver would get Ray's multi-line wrapper, not it
+                n, error = 0, str(exc)
             shards.append(int(i))
             rows.append(n)
             forwards.append(n * len(self.teachers))
             seconds.append(time.perf_counter() - t0)
+            errors.append(error)
         return {"shard": np.array(shards), "rows": np.array(rows), "teacher_forwards": np.array(forwards),
-                "seconds": np.array(seconds)}
+                "seconds": np.array(seconds), "error": np.array(errors, dtype=object)}
 
     def _extract(self, shard: int) -> int:
         rows = self.writer.shard_rows(shard)
@@ -437,13 +441,17 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
         teacher_names = [t.name for t in read_manifest(spec.zoo_path).teachers if spec.teachers is None or t.name in spec.teachers]
         bar = tqdm(total=total, desc=f"extract {spec.kind}", unit="sample", leave=False)
         t_launch = time.perf_counter()
-        for row in out.iter_rows():
-            if "startup" not in timings:
-                timings["startup"] = max(0.0, time.perf_counter() - t_launch - float(row["seconds"]))
-            bar.update(int(row["rows"]))
-            forwards += int(row["teacher_forwards"])
-            _record_shard(teacher_names, int(row["rows"]), spec.batch_size, loc.is_s3, int(row.get("bytes", 0)))
-        bar.close()
+        try:
+            for row in out.iter_rows():
+                if row["error"]:  # an actor's one-line AmalgamError (a store outage, say): the pass fails with it
+                    raise AmalgamError(row["error"])
+                if "startup" not in timings:
+                    timings["startup"] = max(0.0, time.perf_counter() - t_launch - float(row["seconds"]))
+                bar.update(int(row["rows"]))
+                forwards += int(row["teacher_forwards"])
+                _record_shard(teacher_names, int(row["rows"]), spec.batch_size, loc.is_s3, int(row.get("bytes", 0)))
+        finally:
+            bar.close()
         timings["extract"] = time.perf_counter() - t_launch - timings["startup"]
     t_commit = time.perf_counter()
     manifest = writer.commit(side_names)

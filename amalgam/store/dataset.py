@@ -4,11 +4,18 @@ A dataset is a directory (``<store>/<key>/``) of shards plus one ``manifest.json
 
 Writing: shard ``i`` always covers the same rows (rows ``[i*S, (i+1)*S)`` of the pool
 order), so a resumed extraction knows exactly what is missing. Each shard lands
-atomically under its final name (temp + rename locally; a whole PUT on S3), next to its
+atomically under its final name (temp + link locally; a whole PUT on S3), next to its
 per-shard side files (for example its share of the PCA statistics, which are sums). The
 manifest (shard list, row counts, per-shard SHA-256, column shapes and dtypes,
 fingerprints, format version, creation info) is written last and atomically: a dataset
 without a manifest is not committed, and no reader uses it.
+
+Two jobs may write the same dataset at once (same teachers, same pool: same key). No
+file of a dataset is ever replaced (:meth:`StoreLocation.create_bytes`): the first
+writer's shard stays, so a committed manifest's checksums cannot be broken by a job
+still running, even one whose bytes differ in the last bit (another batch size, GPU or
+BLAS). The first manifest wins too; a later commit whose content is the same accepts it,
+one whose content differs is refused in one line.
 
 Reading: :class:`Dataset` refuses a missing manifest, an unknown format version, or a
 shard whose checksum differs (one line naming the shard). Tensor columns use Arrow's
@@ -112,7 +119,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | pa.Buffer) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -124,6 +131,7 @@ class DatasetWriter:
         self.loc, self.key, self.kind = loc, key.strip("/"), kind
         self.fingerprints, self.num_rows, self.shard_size = fingerprints, num_rows, shard_size
         self.num_shards = max(1, -(-num_rows // shard_size))
+        self.won_commit: bool | None = None  # after commit(): False if another job's identical manifest was there first
 
     def rel(self, name: str) -> str:
         return f"{self.key}/{name}"
@@ -143,19 +151,25 @@ class DatasetWriter:
         }
 
     def write_shard(self, i: int, table: pa.Table, side: dict[str, bytes] | None = None) -> None:
-        """Side files first, the shard last: a shard's presence implies its side files are there."""
+        """Side files first, the shard last: a shard's presence implies its side files are there.
+
+        A file already there (written by a concurrent job, or by a killed run) is kept, never
+        replaced: the same rows, and possibly already under a committed manifest.
+        """
         expected = len(self.shard_rows(i))
         if table.num_rows != expected:
             raise ValueError(f"shard {i} of {self.key} has {table.num_rows} rows, expected {expected}")
         for name, data in (side or {}).items():
-            self.loc.write_bytes(self.rel(side_file(i, name)), data)
-        self.loc.write_bytes(self.rel(shard_file(i)), parquet_bytes(table))
+            self.loc.create_bytes(self.rel(side_file(i, name)), data)
+        self.loc.create_bytes(self.rel(shard_file(i)), parquet_bytes(table))
 
     def commit(self, side_names: list[str] = (), extra: dict | None = None) -> DatasetManifest:
         """Checksum every shard as stored, check its rows and schema, and write the manifest last.
 
         Only what the checks need is decoded (the Parquet footer and the ``index``
         column), and shards are fetched a few at a time (S3 latency), in order of index.
+        If another job committed the dataset meanwhile, its manifest stays: it is returned
+        (and ``won_commit`` is False) when it describes the same shards, refused otherwise.
         """
         missing = sorted(set(range(self.num_shards)) - self.done_shards(side_names))
         if missing:
@@ -174,12 +188,20 @@ class DatasetWriter:
             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             created_by={"host": platform.node(), "user": _user(), "pid": str(os.getpid())},
         )
-        self.loc.write_bytes(self.rel(MANIFEST), manifest.model_dump_json(indent=1).encode())
-        return manifest
+        self.won_commit = self.loc.create_bytes(self.rel(MANIFEST), manifest.model_dump_json(indent=1).encode())
+        if self.won_commit:
+            return manifest
+        theirs = Dataset.open(self.loc, self.key).manifest
+        if _content(theirs) == _content(manifest):  # also our own, when a retried PUT had landed
+            return theirs
+        by = theirs.created_by
+        raise AmalgamError(f"{self.loc.uri_of(self.rel(MANIFEST))}: committed meanwhile by another job "
+                           f"({by.get('host')} pid {by.get('pid')}, {theirs.created_at}) with other content; "
+                           "kept as it is")
 
     def _check_shard(self, i: int, side_names: list[str]) -> tuple[ShardInfo, pa.Schema]:
         uri = self.loc.uri_of(self.rel(shard_file(i)))
-        data = self.loc.read_bytes(self.rel(shard_file(i)))
+        data = self.loc.read_buffer(self.rel(shard_file(i)))  # Arrow-owned: see StoreLocation.read_buffer
         rows = self.shard_rows(i)
         try:
             f = pq.ParquetFile(pa.BufferReader(data))
@@ -194,6 +216,11 @@ class DatasetWriter:
         sides = {n: _sha256(self.loc.read_bytes(self.rel(side_file(i, n)))) for n in side_names}
         return ShardInfo(index=i, file=shard_file(i), rows=len(rows), sha256=_sha256(data), side_files=sides), \
             f.schema_arrow
+
+
+def _content(m: DatasetManifest) -> dict:
+    """What a manifest says about the data: all but who committed it and when."""
+    return m.model_dump(exclude={"created_at", "created_by"})
 
 
 def _user() -> str:
@@ -247,16 +274,19 @@ class Dataset:
     def shard_uri(self, s: ShardInfo) -> str:
         return self.loc.uri_of(f"{self.key}/{s.file}")
 
-    def _read_checked(self, rel: str, sha: str, what: str) -> bytes:
-        data = self.loc.read_bytes(f"{self.key}/{rel}")
+    def _read_checked(self, rel: str, sha: str, what: str, buffer: bool = False) -> bytes | pa.Buffer:
+        read = self.loc.read_buffer if buffer else self.loc.read_bytes
+        data = read(f"{self.key}/{rel}")
         if _sha256(data) != sha:
             raise AmalgamError(f"{self.loc.uri_of(f'{self.key}/{rel}')}: checksum mismatch ({what} is corrupt)")
         return data
 
     def read_shard(self, s: ShardInfo, columns: list[str] | None = None) -> pa.Table:
-        data = self._read_checked(s.file, s.sha256, f"shard {s.index}")
+        # Arrow-owned input (see StoreLocation.read_buffer): a read through a Python object
+        # can abort the process at exit.
+        data = self._read_checked(s.file, s.sha256, f"shard {s.index}", buffer=True)
         try:
-            return pq.read_table(io.BytesIO(data), columns=columns)
+            return pq.read_table(pa.BufferReader(data), columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise AmalgamError(f"{self.shard_uri(s)}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
 

@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from amalgam.errors import AmalgamError
 
 T = TypeVar("T")
 
 # AWS SDK error names (as pyarrow reports them: "AWS Error ACCESS_DENIED ...") that no retry fixes.
+# A bad or expired session token (AWS_SESSION_TOKEN) comes back as an unmapped "InvalidToken" / "ExpiredToken".
 PERMANENT_S3_ERRORS = ("NO_SUCH_BUCKET", "ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH",
-                       "INVALID_BUCKET_NAME")
+                       "INVALID_BUCKET_NAME", "EXPIRED_TOKEN", "InvalidToken", "ExpiredToken")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -43,10 +45,44 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"\s*\(Request ID: [^)]*\)", "", msg)
 
 
+def credentials_in_uri(uri: str) -> bool:
+    """Whether a URI carries credentials (``s3://KEY:SECRET@bucket``, ``http://user:pass@host``).
+
+    Such a URI would put a key into job files, reports and logs; none is ever valid here, so it
+    is refused without being echoed. An S3 bucket name holds neither ``@`` nor ``:``; an
+    endpoint URL has no business with ``@`` anywhere (a secret may contain ``/``, which would
+    end the authority early).
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme == "file":  # a local path may hold any character
+        return False
+    if scheme == "s3":
+        authority = rest.split("/", 1)[0]
+        return "@" in authority or ":" in authority
+    return "@" in rest
+
+
+def redacted_uri(uri: str) -> str:
+    """``uri`` with whatever precedes the host (or the bucket) replaced by ``...``."""
+    scheme = uri.partition("://")[0]
+    return f"{scheme}://...@{uri.rsplit('@', 1)[1]}" if "@" in uri else f"{scheme}://..."
+
+
+CREDENTIALS_IN_URI = ("credentials in a URI are refused (they would end up in job files, reports and logs); "
+                      "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment or the Kubernetes Secret")
+
+
 class S3Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     endpoint_url: str | None = None
     region: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        if v and credentials_in_uri(v):
+            raise ValueError(CREDENTIALS_IN_URI)
+        return v
 
 
 @dataclass
@@ -101,6 +137,22 @@ class StoreLocation:
         except FileNotFoundError:
             raise AmalgamError(f"{self.uri_of(rel)}: not found") from None
 
+    def read_buffer(self, rel: str) -> pa.Buffer:
+        """Like :meth:`read_bytes`, but into memory Arrow owns (for Parquet, see below).
+
+        A Parquet read hands the input buffer to Arrow's thread pool. If the buffer wraps a
+        Python ``bytes``, the pool thread that drops the last reference must take the GIL; when
+        that happens while the interpreter exits, CPython ends the thread with a forced
+        unwind through C++ frames and the process aborts ("terminate called without an active
+        exception", exit 134), a few percent of the time on a loaded machine. An Arrow-owned
+        buffer needs no GIL to free.
+        """
+        data = self.read_bytes(rel)  # a stream's read_buffer() would wrap Python bytes too
+        buf = pa.allocate_buffer(len(data))
+        if data:
+            memoryview(buf).cast("B")[:] = data
+        return buf
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic: readers see the old object or the whole new one, never a part.
 
@@ -122,6 +174,47 @@ class StoreLocation:
                     f.write(data)
 
         self.retry(self.uri_of(rel), write)
+
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        """Like :meth:`write_bytes`, but never replaces an object: True if this call stored it.
+
+        For objects that must not change once written (a dataset's shards, its manifest)
+        while another job may write the same name at the same time. Locally the temporary
+        file is hard-linked to the name, which fails if the name exists: of two writers
+        exactly one wins, and readers still never see a part. (A filesystem without hard
+        links falls back to a check then a rename.) On S3 it is a check then a PUT: pyarrow
+        cannot send a conditional PUT, so two writers within the same instant may both
+        store (the last one wins); callers compare what they read back.
+        """
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+
+        def create() -> bool:
+            if self.is_s3:
+                if self.fs.get_file_info(target).type != pafs.FileType.NotFound:
+                    return False
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+                return True
+            self.fs.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex[:8]}.tmp"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            try:
+                os.link(tmp, target)  # atomic, and never replaces
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this filesystem
+                if os.path.exists(target):
+                    return False
+                os.replace(tmp, target)
+                return True
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+        return self.retry(self.uri_of(rel), create)
 
     def list_dir(self, rel: str, recursive: bool = False) -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=recursive)
@@ -165,6 +258,8 @@ def _s3_filesystem(uri: str, options: S3Options | None) -> pafs.S3FileSystem:
 
 def open_store(uri: str, s3: S3Options | None = None) -> StoreLocation:
     uri = uri.rstrip("/")
+    if credentials_in_uri(uri):
+        raise AmalgamError(f"{redacted_uri(uri)}: {CREDENTIALS_IN_URI}")
     if uri.startswith("s3://"):
         bucket_prefix = uri[len("s3://") :]
         if not bucket_prefix or bucket_prefix.startswith("/"):
