@@ -7,6 +7,7 @@ Paths inside a job may use ``$AMALGAM_HOME``/``~`` and are relative to the job f
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, Union
 
@@ -16,9 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from amalgam.data.pool import PoolSpec
 from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
 from amalgam.paths import amalgam_home
-from amalgam.store.location import S3Options
+from amalgam.store.location import CREDENTIALS_IN_URI, S3Options, credentials_in_uri
 
 JOB_VERSION = 1
+_ENV_REF = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+_CREDENTIAL_VAR = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.I)
+
+
+def _no_credential_vars(v: str) -> str:
+    """Paths expand ``$VARS`` (see :meth:`Job.resolve`), but never one named like a credential:
+    the expanded path would carry the secret into error lines, logs and reports."""
+    for name in _ENV_REF.findall(v):
+        if _CREDENTIAL_VAR.search(name):
+            raise ValueError(f"refers to ${name}: variables named like credentials are never expanded in job paths")
+    return v
 
 Width = Union[int, float]
 
@@ -139,6 +151,13 @@ class StoreConfig(_Strict):
     uri: str = Field("$AMALGAM_HOME/store", description="a path, file://PATH or s3://BUCKET/PREFIX")
     s3: S3Options = Field(default_factory=S3Options)
 
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if credentials_in_uri(v):
+            raise ValueError(CREDENTIALS_IN_URI)
+        return _no_credential_vars(v)
+
 
 class Extraction(_Strict):
     actors: int = Field(2, ge=1, description="Ray Data actor pool size (teacher replicas)")
@@ -255,10 +274,19 @@ class Job(_Strict):
             raise ValueError(f"unsupported job version {v}; this amalgam reads version {JOB_VERSION}")
         return v
 
+    @field_validator("zoo")
+    @classmethod
+    def _zoo_path(cls, v: str) -> str:
+        return _no_credential_vars(v)
+
     # Set by load_job: where relative paths resolve from.
     _base_dir: Path = Path(".")
 
     def resolve(self, path: str) -> Path:
+        try:
+            _no_credential_vars(path)  # also for a Job built without validation
+        except ValueError as exc:
+            raise AmalgamError(f"job {self.name}: path {exc}") from None
         expanded = os.path.expanduser(os.path.expandvars(path.replace("$AMALGAM_HOME", str(amalgam_home()))))
         p = Path(expanded)
         return p if p.is_absolute() else (self._base_dir / p).resolve()
