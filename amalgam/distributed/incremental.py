@@ -145,6 +145,7 @@ class IncrementalSource(StoreSource):
         else:
             codecs = {tap: fit_pca(s, cfg.balance).codec(widths[tap]) for tap, s in stats.items()}
             save_codecs(self.loc, ckey, codecs, meta)
+            codecs, _ = load_codecs(self.loc, ckey)  # another job's may have been there first
         spec = self._increment_spec("codes", codes_key(codec_fp, self.pool_fp), {"codecs": codec_fp}, codecs=ckey)
         res = run_pass(spec, self.job, self.pool, [], self.log, teachers=self.teachers)
         self.teacher_forwards += res.teacher_forwards

@@ -114,6 +114,7 @@ class StoreSource:
             else:  # IFA's basis depends on the width: no prefix property, store exactly what is used
                 stored = {tap: fit_ifa(s, widths[tap], cfg.balance) for tap, s in stats.items()}
             save_codecs(self.loc, ckey, stored, meta)
+            stored, _ = load_codecs(self.loc, ckey)  # another job's may have been there first
         spec = self._spec("codes", codes_key(codec_fp, self.pool_fp),
                           {"zoo": self.zoo_fp, "pool": self.pool_fp, "codecs": codec_fp}, codecs=ckey)
         res = run_pass(spec, self.job, self.pool, [], self.log)

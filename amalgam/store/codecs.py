@@ -23,10 +23,13 @@ def codecs_fingerprint(codecs: dict[str, LinearCodec], meta: dict) -> str:
 
 
 def save_codecs(loc: StoreLocation, key: str, codecs: dict[str, LinearCodec], meta: dict) -> None:
-    loc.write_bytes(f"{key}/codecs.safetensors", st_save(codec_tensors(codecs)))
+    """Never replaces: two jobs fitting the same codecs at once (values equal up to the last
+    bit) keep the first file, and each then reloads what is stored (see ``StoreSource.fit``),
+    so every code in the store was encoded by the codecs stored next to it."""
+    loc.create_bytes(f"{key}/codecs.safetensors", st_save(codec_tensors(codecs)))
     info = {"taps": {tap: {"kind": c.kind, "width": c.width, "in_channels": c.in_channels} for tap, c in codecs.items()},
             **meta}
-    loc.write_bytes(f"{key}/codecs.json", json.dumps(info, indent=1).encode())  # written last: the commit
+    loc.create_bytes(f"{key}/codecs.json", json.dumps(info, indent=1).encode())  # written last: the commit
 
 
 def load_codecs(loc: StoreLocation, key: str) -> tuple[dict[str, LinearCodec], dict]:
