@@ -169,6 +169,12 @@ def test_plan_is_printed_and_matches_what_was_written(extracted):
         written = sizes[ds.key] - len(src.loc.read_bytes(f"{ds.key}/manifest.json"))
         assert abs(planned - written) / written < 0.15, (line, written)
     assert src.teacher_forwards == 2 * POOL * 2  # two passes, two teachers
+    # The actors report each shard's stored bytes; the driver counts them (manifests excluded).
+    from amalgam import metrics
+
+    counted = metrics.METRICS.registry.get_sample_value("amalgam_store_written_bytes_total", {"backend": "local"})
+    stored = sum(sizes[ds.key] - len(src.loc.read_bytes(f"{ds.key}/manifest.json")) for ds in (src.outputs, src.codes))
+    assert counted is not None and counted >= stored
 
 
 def test_second_extraction_runs_no_teacher_forward(env, extracted):

@@ -153,29 +153,30 @@ class ShardExtractor:
         self.base = Dataset.open(self.loc, spec.base_codes_key) if spec.base_codes_key else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shards, rows, forwards, seconds, errors = [], [], [], [], []
+        shards, rows, forwards, seconds, errors, nbytes = [], [], [], [], [], []
         for i in batch["shard"].tolist():
             t0 = time.perf_counter()
             try:
-                n, error = self._extract(int(i)), ""
+                (n, b), error = self._extract(int(i)), ""
             except AmalgamError as exc:  # raised here, the driver would get Ray's multi-line wrapper, not it
-                n, error = 0, str(exc)
+                n, b, error = 0, 0, str(exc)
             shards.append(int(i))
             rows.append(n)
+            nbytes.append(b)
             forwards.append(n * len(self.teachers))
             seconds.append(time.perf_counter() - t0)
             errors.append(error)
         return {"shard": np.array(shards), "rows": np.array(rows), "teacher_forwards": np.array(forwards),
-                "seconds": np.array(seconds), "error": np.array(errors, dtype=object)}
+                "seconds": np.array(seconds), "error": np.array(errors, dtype=object), "bytes": np.array(nbytes)}
 
-    def _extract(self, shard: int) -> int:
+    def _extract(self, shard: int) -> tuple[int, int]:
+        """Compute and write one shard; (rows, bytes stored)."""
         rows = self.writer.shard_rows(shard)
         prefix = read_prefix(self.base, self.spec.base_widths or {}, rows) if self.base is not None else None
         cols = compute_rows(self.spec.kind, self.teachers, self.codecs, self.taps, self.images[rows.start:rows.stop],
                             self.spec.batch_size, self.device, prefix)
         table, side = shard_table(self.spec.kind, rows, self.ids, self.images, cols)
-        self.writer.write_shard(shard, table, side)
-        return len(rows)
+        return len(rows), self.writer.write_shard(shard, table, side)
 
 
 @dataclass

@@ -150,18 +150,21 @@ class DatasetWriter:
             if shard_file(i).split("/")[1] in present and all(side_file(i, n).split("/")[1] in present for n in side_names)
         }
 
-    def write_shard(self, i: int, table: pa.Table, side: dict[str, bytes] | None = None) -> None:
+    def write_shard(self, i: int, table: pa.Table, side: dict[str, bytes] | None = None) -> int:
         """Side files first, the shard last: a shard's presence implies its side files are there.
 
         A file already there (written by a concurrent job, or by a killed run) is kept, never
-        replaced: the same rows, and possibly already under a committed manifest.
+        replaced: the same rows, and possibly already under a committed manifest. Returns the
+        bytes this call stored (for the ``amalgam_store_written_bytes`` counter).
         """
         expected = len(self.shard_rows(i))
         if table.num_rows != expected:
             raise ValueError(f"shard {i} of {self.key} has {table.num_rows} rows, expected {expected}")
+        written = 0
         for name, data in (side or {}).items():
-            self.loc.create_bytes(self.rel(side_file(i, name)), data)
-        self.loc.create_bytes(self.rel(shard_file(i)), parquet_bytes(table))
+            written += len(data) if self.loc.create_bytes(self.rel(side_file(i, name)), data) else 0
+        data = parquet_bytes(table)
+        return written + (len(data) if self.loc.create_bytes(self.rel(shard_file(i)), data) else 0)
 
     def commit(self, side_names: list[str] = (), extra: dict | None = None) -> DatasetManifest:
         """Checksum every shard as stored, check its rows and schema, and write the manifest last.
