@@ -173,8 +173,12 @@ def test_sweep_resumes_after_a_kill_stops_early_and_runs_no_teacher(workdir: Pat
     assert done, "no trial finished in time"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    def last_row(p: Path) -> dict:  # a trial that had just started has an empty result.json
+        lines = p.read_text().strip().splitlines()
+        return json.loads(lines[-1]) if lines else {}
+
     kept = {p.parent.name: p.read_bytes() for p in (out / "tune").glob("*/result.json")
-            if json.loads(p.read_text().strip().splitlines()[-1])["trial_id"] in done}
+            if last_row(p).get("trial_id") in done}
     assert len(kept) == len(done)
 
     # 2. The same command resumes: finished trials untouched, the others run.

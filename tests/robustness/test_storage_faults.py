@@ -271,7 +271,7 @@ def test_extraction_on_ray_rides_out_an_outage_and_fails_in_one_line_when_it_can
     def outage() -> None:
         proxy.refuse()
         proxy.reset_counters()
-        back = threading.Thread(target=lambda: (wait_for(lambda: proxy.resets >= 1, 60), time.sleep(0.5),
+        back = threading.Thread(target=lambda: (wait_for(lambda: proxy.resets >= 1, 600), time.sleep(0.5),
                                                 proxy.passthrough()), daemon=True)
         back.start()
 
