@@ -307,6 +307,12 @@ def parse_job(raw: object, path: Path) -> Job:
     except ValidationError as exc:
         raise AmalgamError(validation_line(path, exc)) from None
     job._base_dir = path.parent.resolve()
+    # Image sources' paths, like the zoo's, are relative to the job file; made absolute here so
+    # the run directory's job.yaml names the same images from anywhere.
+    job.pool = job.pool.resolved(job.resolve, job.store.s3)
+    job.evaluation.test = job.evaluation.test.resolved(job.resolve, job.store.s3)
+    if job.sweep is not None and job.sweep.validation is not None:
+        job.sweep.validation = job.sweep.validation.resolved(job.resolve, job.store.s3)
     return job
 
 

@@ -113,7 +113,8 @@ class StudentRecord(_Strict):
 
     @property
     def classes(self) -> list[str]:
-        return [c for t in self.teachers for c in t.classes]
+        """The student's classes: the union of its teachers', in first-seen order (amalgam.classes)."""
+        return list(dict.fromkeys(c for t in self.teachers for c in t.classes))
 
 
 class Transition(_Strict):

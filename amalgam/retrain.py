@@ -332,7 +332,7 @@ def retrain(job: Job, out: Path, address: str | None = None, dry_run: bool = Fal
 
     from amalgam.data.pool import build_pool
 
-    full = build_pool(job.pool)
+    full = build_pool(job.pool, input_shape=manifest.teachers[0].input.shape, log=log)
     train_idx, held_idx = holdout_split(len(full), job.retrain.holdout, job.seed)
     train_pool, holdout = full.subset(train_idx), full.subset(held_idx)
     plan = make_plan(job, reg, manifest.teachers, train_pool.fingerprint())
@@ -397,7 +397,7 @@ def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, hol
         else:
             from amalgam.data.pool import build_pool
 
-            test = build_pool(job.evaluation.test)
+            test = build_pool(job.evaluation.test, input_shape=manifest.teachers[0].input.shape, log=log)
             cspace = ClassSpace.from_teachers([(t["name"], t["classes"]) for t in teachers])
             m = evaluate_logits(predict_logits(model, test.images), cspace.remap(test.class_names, test.labels), cspace)
             champ_metrics = RecordMetrics(task_aware={k: finite_or_none(v) for k, v in m.task_aware.items()})

@@ -25,7 +25,7 @@ from torch import nn
 
 from amalgam.data.fetch import sha256_file
 from amalgam.errors import AmalgamError, validation_line
-from amalgam.zoo.arch import TappedCNN, build_model
+from amalgam.zoo.arch import build_model
 from amalgam.zoo.manifest import InputSpec, Normalize, save_weights
 
 STUDENT_VERSION = 1
@@ -75,7 +75,7 @@ class DeployedStudent(nn.Module):
     is the whole model and callers need no input spec.
     """
 
-    def __init__(self, net: TappedCNN, input_spec: InputSpec):
+    def __init__(self, net: nn.Module, input_spec: InputSpec):
         super().__init__()
         self.normalize = Normalize(input_spec.mean, input_spec.std)
         self.net = net
@@ -85,7 +85,7 @@ class DeployedStudent(nn.Module):
         return self.net(self.normalize(x))
 
 
-def _check_consistency(where: Path, m: StudentManifest, net: TappedCNN) -> None:
+def _check_consistency(where: Path, m: StudentManifest, net: nn.Module) -> None:
     """Check that classes, teachers and input spec agree with the architecture.
 
     A mismatch would give logits labelled with the wrong names, or wrongly scaled
@@ -97,9 +97,11 @@ def _check_consistency(where: Path, m: StudentManifest, net: TappedCNN) -> None:
     dup = sorted({c for c in m.classes if m.classes.count(c) > 1})
     if dup:
         raise AmalgamError(f"{where}: class {dup[0]!r} listed twice")
-    from_teachers = [c for t in m.teachers for c in t["classes"]]
+    # The union of the teachers' classes in first-seen order (amalgam.classes): for teachers
+    # with disjoint classes, their concatenation.
+    from_teachers = list(dict.fromkeys(c for t in m.teachers for c in t["classes"]))
     if m.teachers and from_teachers != m.classes:
-        raise AmalgamError(f"{where}: classes are not the concatenation of the teachers' classes")
+        raise AmalgamError(f"{where}: classes are not the union of the teachers' classes in first-seen order")
     expected_shape = [cfg.in_channels, cfg.image_size, cfg.image_size]
     if m.input.shape != expected_shape:
         raise AmalgamError(f"{where}: input shape {m.input.shape}, architecture expects {expected_shape}")
@@ -107,7 +109,7 @@ def _check_consistency(where: Path, m: StudentManifest, net: TappedCNN) -> None:
         raise AmalgamError(f"{where}: input mean/std need {cfg.in_channels} value(s) per list, one per channel")
 
 
-def _build(where: Path, arch: str, arch_args: dict) -> TappedCNN:
+def _build(where: Path, arch: str, arch_args: dict) -> nn.Module:
     try:
         return build_model(arch, arch_args)
     except (ValueError, TypeError, ValidationError) as exc:
@@ -116,7 +118,7 @@ def _build(where: Path, arch: str, arch_args: dict) -> TappedCNN:
 
 def save_student(
     run_dir: Path,
-    net: TappedCNN,
+    net: nn.Module,
     classes: list[str],
     teachers: list[tuple[str, list[str]]],
     input_spec: InputSpec,
@@ -134,7 +136,7 @@ def save_student(
     json_path = run_dir / STUDENT_JSON
     try:
         manifest = StudentManifest(
-            arch="tapped_cnn",
+            arch=type(net.config).arch_name,
             arch_args=net.config.model_dump(),
             classes=list(classes),
             teachers=[{"name": name, "classes": list(cs)} for name, cs in teachers],

@@ -19,9 +19,14 @@ def test_remap_by_name_not_position():
     assert got.tolist() == [3, 2, 0, 1, -1]
 
 
-def test_overlap_is_refused_naming_both_teachers():
-    with pytest.raises(AmalgamError, match=r"teachers t1 and t2 both predict class 'mnist/1'"):
-        ClassSpace.from_teachers([("t1", ["mnist/0", "mnist/1"]), ("t2", ["mnist/1", "mnist/2"])])
+def test_overlap_is_the_union_in_first_seen_order():
+    # Issue 11: teachers may share classes (this refused them before); tests/test_overlap.py has the rest.
+    cs = ClassSpace.from_teachers([("t1", ["mnist/0", "mnist/1"]), ("t2", ["mnist/1", "mnist/2"])])
+    assert cs.names == ("mnist/0", "mnist/1", "mnist/2")
+    assert cs.positions == ((0, 1), (1, 2)) and cs.blocks == (slice(0, 2), slice(2, 4))
+    assert cs.shared == ("mnist/1",) and cs.overlapping
+    with pytest.raises(AmalgamError, match=r"teachers share classes \(mnist/1\)"):
+        cs.slices
 
 
 def test_duplicate_within_teacher_is_refused():

@@ -85,9 +85,13 @@ def test_shape_mismatch_names_teacher_and_tensor(tmp_path: Path):
         load_zoo(zoo)
 
 
-def test_overlapping_classes_refused(tiny_zoo: Path):
+def test_overlapping_classes_accepted_a_class_twice_in_one_teacher_refused(tiny_zoo: Path):
+    # Issue 11: teachers may share classes (the student's space is the union); this was refused before.
     _edit(tiny_zoo, lambda r: r["teachers"][1].update(classes=["mnist/2", "mnist/9"]))
-    with pytest.raises(AmalgamError, match=r"zoo.yaml: teachers a and b both predict class 'mnist/2'"):
+    space = read_manifest(tiny_zoo).class_space()
+    assert space.names == ("mnist/0", "mnist/1", "mnist/2", "mnist/9") and space.shared == ("mnist/2",)
+    _edit(tiny_zoo, lambda r: r["teachers"][1].update(classes=["mnist/9", "mnist/9"]))
+    with pytest.raises(AmalgamError, match=r"zoo.yaml: teacher b: class 'mnist/9' listed twice"):
         read_manifest(tiny_zoo)
 
 

@@ -14,15 +14,14 @@ def _validate(args: argparse.Namespace) -> None:
 
     job = load_job(args.job)  # before importing torch: a bad job file is reported at once
 
-    from amalgam.data.datasets import load_split
+    from amalgam.data.pool import check_sources
     from amalgam.engine.student import common_topology
     from amalgam.zoo.manifest import load_zoo
 
     manifest, teachers = load_zoo(job.zoo_path())  # hashes, taps, shapes
     common_topology([t.name for t in teachers], [t.net.config for t in teachers])
     for spec in (job.pool, job.evaluation.test):
-        for src in spec.sources:
-            load_split(src.dataset, src.split)
+        check_sources(spec)  # datasets fetched; image folders, prefixes and lists hold images
     space = manifest.class_space()
     print(f"{args.job}: ok (job {job.name}; zoo {manifest.name}: {len(teachers)} teachers, {len(space)} classes; "
           f"amalgamation {job.amalgamation.mode}/{job.amalgamation.strategy})")
@@ -53,6 +52,10 @@ def _run(args: argparse.Namespace) -> None:
         from amalgam.distributed.store_source import store_source_factory
 
         factory = store_source_factory(args.address)
+        if job.pool.has_images() or job.evaluation.test.has_images():
+            from amalgam.distributed.extract import ensure_ray
+
+            ensure_ray(args.address)  # before the pool is built, so Ray Data reads the image files
     with metrics.batch_job(settings.pushgateway, job.name):
         result = run_local(job, out, source_factory=factory, phase=metrics.phase)
         _record(result)
@@ -83,7 +86,11 @@ def _extract(args: argparse.Namespace) -> None:
 
     job = load_job(args.job)
     _, teachers = load_zoo(job.zoo_path())
-    pool = build_pool(job.pool)
+    if job.pool.has_images():
+        from amalgam.distributed.extract import ensure_ray
+
+        ensure_ray(args.address)  # before the pool is built, so Ray Data reads the image files
+    pool = build_pool(job.pool, input_shape=teachers[0].entry.input.shape, log=print)
     src = StoreSource(job, teachers, pool, address=args.address)
     tp = src.teacher_pass()
     src.fit(tp.stats)

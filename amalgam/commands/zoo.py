@@ -1,4 +1,4 @@
-"""``amalgam zoo train|show``."""
+"""``amalgam zoo train|show|import``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,15 @@ def _show(args: argparse.Namespace) -> None:
     print(zoo_table(manifest))
 
 
+def _import(args: argparse.Namespace) -> None:
+    from amalgam.zoo.importer import import_table, import_zoo, read_import_spec
+
+    out = Path(args.out) if args.out else amalgam_home() / "zoos" / read_import_spec(args.spec).name
+    manifest, rows = import_zoo(args.spec, out, force=args.force)
+    print(f"\nzoo {manifest.name} at {out / 'zoo.yaml'} (verified)\n")
+    print(import_table(rows))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     zoo = sub.add_parser("zoo", help="teacher zoos").add_subparsers(dest="action", required=True)
     train = zoo.add_parser("train", help="train a demo teacher zoo")
@@ -51,3 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = zoo.add_parser("show", help="verify a zoo and print its table")
     show.add_argument("manifest")
     show.set_defaults(func=_show)
+    imp = zoo.add_parser(
+        "import", help="a zoo from teachers trained elsewhere (safetensors or state_dict files)",
+        description="Build a zoo manifest from existing weight files, an architecture name, class names and "
+                    "preprocessing, as listed in an import spec (YAML). Pickled modules are refused, never loaded.",
+    )
+    imp.add_argument("spec", help="the import spec (YAML): name, teachers: [{name, weights, arch, classes, input}]")
+    imp.add_argument("--out", help="zoo directory (default $AMALGAM_HOME/zoos/NAME)")
+    imp.add_argument("--force", action="store_true", help="overwrite an existing zoo.yaml and teacher weights in --out")
+    imp.set_defaults(func=_import)

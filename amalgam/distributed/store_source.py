@@ -23,6 +23,7 @@ from amalgam.job import Job
 from amalgam.store.codecs import load_codecs, save_codecs
 from amalgam.store.dataset import Dataset, column_to_numpy
 from amalgam.store.fingerprint import zoo_fingerprint
+from amalgam.zoo.arch import config_to_dict
 from amalgam.zoo.manifest import Normalize, Teacher
 from amalgam.distributed.extract import (
     STATS_SIDE,
@@ -147,7 +148,7 @@ class StoreSource:
         costs = stage_costs(nets, specs, shapes, st.closed_form_first)
         workers = min(st.workers, len(specs))
         job = StageJob(
-            student_config=student_config.model_dump(), input_spec=input_spec.model_dump(), specs=specs,
+            student_config=config_to_dict(student_config), input_spec=input_spec.model_dump(), specs=specs,
             widths=widths, target_var=target_var, head_targets=head_targets, store_uri=self.job.store_uri(),
             s3=self.job.store.s3.model_dump(), codes_key=self.codes.key, epochs=st.epochs, steps_per_epoch=steps,
             lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
@@ -165,7 +166,7 @@ class StoreSource:
 
         jc = self.job.joint
         job = JointJob(
-            student_config=student.net.config.model_dump(), input_spec=student.spec.model_dump(),
+            student_config=config_to_dict(student.net.config), input_spec=student.spec.model_dump(),
             initial=student.state_dict(), targets=targets, num_rows=len(self.pool), loss=jc.loss, epochs=jc.epochs,
             lr=jc.lr, batch_size=jc.batch_size, temperature=jc.temperature, seed=self.job.seed,
             threads=max(1, int(jc.cpus_per_worker)), fail_at=jc.fail_at.resolved(run_dir) if jc.fail_at else None,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from amalgam.engine.joint import distill_loss
+from amalgam.engine.joint import distill_loss, set_train_mode
 from amalgam.student_io import DeployedStudent
 from amalgam.distributed.runs import fit_trainer, inject_fault
-from amalgam.zoo.arch import CNNConfig, TappedCNN
+from amalgam.zoo.arch import build_net, config_from_dict
 from amalgam.zoo.manifest import InputSpec
 
 
@@ -49,7 +49,7 @@ def joint_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
-    model = DeployedStudent(TappedCNN(CNNConfig(**job.student_config)), InputSpec(**job.input_spec))
+    model = DeployedStudent(build_net(config_from_dict(job.student_config)), InputSpec(**job.input_spec))
     model.load_state_dict(job.initial)
     opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=1e-4)
     steps = job.epochs * math.ceil(job.num_rows / world / job.batch_size)
@@ -69,7 +69,7 @@ def joint_worker(config: dict) -> None:
     ddp = ray.train.torch.prepare_model(model)
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, job.epochs):
-        ddp.train()
+        set_train_mode(ddp, freeze_batchnorm=True)  # the assembled student: keep the folded BN statistics
         total, n = 0.0, 0
         for step, batch in enumerate(shard.iter_torch_batches(
                 batch_size=job.batch_size, local_shuffle_buffer_size=2048, local_shuffle_seed=job.seed * 1000 + epoch,

@@ -30,13 +30,14 @@ from amalgam.engine.stages import (
     StageNet,
     StageSpec,
     build_stages,
+    closed_form_stage,
     stage1_apply,
     stage1_update,
     stage_input,
 )
 from amalgam.engine.student import build_student
 from amalgam.distributed.runs import fit_trainer, inject_fault
-from amalgam.zoo.arch import CNNConfig
+from amalgam.zoo.arch import config_from_dict
 from amalgam.zoo.manifest import InputSpec, Normalize
 
 
@@ -44,9 +45,10 @@ def stage_costs(nets: dict[str, StageNet], specs: list[StageSpec], input_shapes:
                 closed_form_first: bool) -> dict[str, float]:
     """Relative cost of one epoch of each stage: its MACs per sample (x3 for backward)."""
     costs = {}
+    first = closed_form_stage(specs, nets, closed_form_first)
     for s in specs:
         macs = count_macs(nets[s.name], input_shapes[s.name])
-        closed = s.input_tap is None and closed_form_first
+        closed = s is first
         costs[s.name] = float(macs) * (1.0 if closed else 3.0)  # closed form: one forward-like pass
     return costs
 
@@ -104,12 +106,12 @@ def stage_worker(config: dict) -> None:
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
     mine = set(job.assignment[rank]) if rank < len(job.assignment) else set()
-    skeleton = build_student(CNNConfig(**job.student_config))
+    skeleton = build_student(config_from_dict(job.student_config))
     nets = build_stages(skeleton)
     for name, state in (job.initial or {}).items():
         nets[name].load_state_dict(state)
     specs = [s for s in job.specs if s.name in mine]
-    first = next((s for s in specs if s.input_tap is None and job.closed_form_first), None)
+    first = closed_form_stage(specs, nets, job.closed_form_first)
     fitters = {
         s.name: StageFitter(s, nets[s.name], job.target_var[s.target_tap], job.lr, job.epochs * job.steps_per_epoch)
         for s in specs if s is not first

@@ -27,7 +27,7 @@ Method = Literal["none", "standardize", "temperature"]
 @dataclass
 class Calibration:
     method: Method
-    shift: torch.Tensor  # [C] per output position (constant within a teacher's slice)
+    shift: torch.Tensor  # [W] per column of the concatenated teacher outputs (constant within a teacher's block)
     scale: torch.Tensor  # [C]
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,10 @@ class Calibration:
 
 
 def fit_calibration(pool_logits: torch.Tensor, slices: tuple[slice, ...] | list[slice], method: Method) -> Calibration:
-    """Estimate per-teacher shift/scale from concatenated teacher logits on the pool [N, C]."""
+    """Estimate per-teacher shift/scale from concatenated teacher logits on the pool [N, W].
+
+    ``slices`` are the teachers' blocks of those columns (``ClassSpace.blocks``). Calibration
+    works per teacher, before shared classes are combined (``ClassSpace.to_union``)."""
     if method not in ("none", "standardize", "temperature"):
         raise ValueError(f"unknown calibration {method!r}; use none, standardize or temperature")
     c = pool_logits.shape[1]

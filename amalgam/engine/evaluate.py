@@ -9,6 +9,12 @@ The paper reports two accuracies for an amalgamated student:
   number: a sample can be right within its teacher's slice and still lose to a larger
   logit from another teacher's classes (the logit-scale problem ``calibrate`` targets).
 
+When teachers share classes (see :mod:`amalgam.classes`), a teacher's "slice" is its output
+positions (``ClassSpace.positions``), its samples are the test samples of any of its classes
+(a shared class's samples count for every teacher that knows it), and two more numbers are
+reported: comprehensive accuracy on the samples of shared classes and on those of unshared
+classes (``shared`` / ``unshared``; ``None`` for a disjoint zoo).
+
 Everything here works on plain logits or on any ``nn.Module``, so the same code scores
 a student, one teacher, or all teachers together (wrapped in :class:`Concat`).
 """
@@ -42,15 +48,23 @@ class Metrics:
     comprehensive_per_task: dict[str, float]  # argmax over all classes, on each teacher's samples
     confusion: torch.Tensor  # int64 [C, C], rows = true class, cols = predicted class
     n: int  # samples scored (labels of -1 excluded)
+    # Zoos with shared classes only (None otherwise): argmax over all classes, on the samples of
+    # classes several teachers know / of classes one teacher knows.
+    shared: float | None = None
+    unshared: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "task_aware": {k: _finite_or_none(v) for k, v in self.task_aware.items()},
             "comprehensive": _finite_or_none(self.comprehensive),
             "comprehensive_per_task": {k: _finite_or_none(v) for k, v in self.comprehensive_per_task.items()},
             "confusion": self.confusion.tolist(),
             "n": self.n,
         }
+        if self.shared is not None or self.unshared is not None:
+            out["shared"] = _finite_or_none(self.shared if self.shared is not None else math.nan)
+            out["unshared"] = _finite_or_none(self.unshared if self.unshared is not None else math.nan)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Metrics":
@@ -61,6 +75,8 @@ class Metrics:
             comprehensive_per_task={k: _none_to_nan(v) for k, v in d["comprehensive_per_task"].items()},
             confusion=torch.tensor(d["confusion"], dtype=torch.long),
             n=int(d["n"]),
+            shared=_none_to_nan(d["shared"]) if "shared" in d else None,
+            unshared=_none_to_nan(d["unshared"]) if "unshared" in d else None,
         )
 
 
@@ -95,17 +111,23 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, space: ClassSpac
     keep = labels >= 0
     logits, labels = logits[keep], labels[keep]
     pred = logits.argmax(dim=1)
-    owner = space.teacher_of()[labels]
+    known = space.known()  # [T, C]: for a disjoint zoo, exactly one teacher per class
 
     task_aware, per_task = {}, {}
-    for i, (teacher, s) in enumerate(zip(space.teachers, space.slices)):
-        mine = owner == i
-        local_pred = logits[mine, s].argmax(dim=1) + s.start
+    for i, (teacher, pos) in enumerate(zip(space.teachers, space.positions)):
+        mine = known[i, labels]
+        cols = torch.tensor(pos, dtype=torch.long)
+        local_pred = cols[logits[mine][:, cols].argmax(dim=1)]
         task_aware[teacher] = _accuracy(local_pred == labels[mine])
         per_task[teacher] = _accuracy(pred[mine] == labels[mine])
 
+    shared = unshared = None
+    if space.overlapping:
+        is_shared = known.sum(0)[labels] > 1
+        shared = _accuracy(pred[is_shared] == labels[is_shared])
+        unshared = _accuracy(pred[~is_shared] == labels[~is_shared])
     confusion = torch.bincount(labels * c + pred, minlength=c * c).view(c, c)
-    return Metrics(task_aware, _accuracy(pred == labels), per_task, confusion, int(labels.numel()))
+    return Metrics(task_aware, _accuracy(pred == labels), per_task, confusion, int(labels.numel()), shared, unshared)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -139,8 +161,9 @@ def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch: int = 10
 class Concat(nn.Module):
     """Several models as one: outputs concatenated along dim 1, in the order given.
 
-    With the teachers in zoo order this yields logits in the class space's order, so
-    "all teachers together" is scored, sized and timed like any student.
+    With the teachers in zoo order this yields the concatenated teacher outputs: the class
+    space's order for a disjoint zoo (``ClassSpace.to_union`` maps them when teachers share
+    classes), so "all teachers together" is scored, sized and timed like any student.
     """
 
     def __init__(self, models: Iterable[nn.Module]):

@@ -4,6 +4,7 @@ Stage ``l`` learnt ``layer_l(pre_l(FAM_l(z)))`` where ``z`` stands for layer ``l
 FAM is affine (``A z + c``, a 1x1 conv or a linear map) and acts on layer ``l-1``'s output
 before its activation, so ``FAM_l(layer_{l-1}(h)) = (A W) h + (A b + c)``: replacing layer
 ``l-1``'s weight and bias by ``A W`` and ``A b + c`` gives the same function with no adapter.
+Units made of several layers (ResNet stages) end in affine ops too and fold the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ def fam_matrix(fam: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def fold_into(layer: nn.Module, fam: nn.Module) -> None:
-    """In place: ``layer`` becomes ``fam o layer`` (both affine)."""
+    """In place: ``layer`` becomes ``fam o layer``.
+
+    A conv or linear layer absorbs the FAM directly; a composite unit (a ResNet stem or
+    stage, an EfficientNet block group) ends in affine ops before its tap and implements
+    ``fold_output_affine(A, c)`` itself (BatchNorm folded first, see ``amalgam.zoo.resnet``).
+    """
+    if hasattr(layer, "fold_output_affine"):
+        a, c = fam_matrix(fam)
+        layer.fold_output_affine(a, c)
+        return
     if layer.bias is None:
         raise ValueError("folding needs a layer with a bias")
     a, c = fam_matrix(fam)

@@ -10,6 +10,11 @@ images, it generalises past the per-image mistakes it was taught with.
 The gated target is a mixture of experts over the union of classes:
 ``log p(c | x) = log p(t(c) | x) + log softmax_{c in t}(calibrated logits of teacher t)``,
 which the joint stage distils into the student. No label is read.
+
+``calibrated`` is always the teachers' concatenated outputs (teacher ``i`` in its block, see
+:mod:`amalgam.classes`). When teachers share classes the mixture is mapped to the union by
+``ClassSpace.to_union(..., "logsumexp")``: a shared class gets the summed mass of every teacher
+that knows it, ``log p(c | x) = logsumexp_{t knows c} [log p(t | x) + log softmax_t(c)]``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from amalgam.classes import ClassSpace
 from amalgam.engine.evaluate import predict_logits
 from amalgam.engine.joint import train_end_to_end
 from amalgam.student_io import DeployedStudent
@@ -57,12 +63,18 @@ def fit_gate(
     return gate
 
 
-def gated_targets(gate_logits: torch.Tensor, calibrated: torch.Tensor, slices: tuple[slice, ...]) -> torch.Tensor:
-    """Mixture-of-experts log-probabilities over the union of classes [N, C]."""
+def gated_targets(gate_logits: torch.Tensor, calibrated: torch.Tensor,
+                  space: ClassSpace | tuple[slice, ...]) -> torch.Tensor:
+    """Mixture-of-experts log-probabilities over the union of classes [N, C].
+
+    ``space`` is the class space (the result is in its output order, shared classes combined)
+    or just the teachers' blocks (the result is then in the concatenated order)."""
+    blocks = space.blocks if isinstance(space, ClassSpace) else space
     log_gate = F.log_softmax(gate_logits, 1)
-    return torch.cat([log_gate[:, i : i + 1] + F.log_softmax(calibrated[:, s], 1) for i, s in enumerate(slices)], 1)
+    mixed = torch.cat([log_gate[:, i : i + 1] + F.log_softmax(calibrated[:, s], 1) for i, s in enumerate(blocks)], 1)
+    return space.to_union(mixed, "logsumexp") if isinstance(space, ClassSpace) else mixed
 
 
 def gate_and_target(gate: DeployedStudent, images: torch.Tensor, calibrated: torch.Tensor,
-                    slices: tuple[slice, ...]) -> torch.Tensor:
-    return gated_targets(predict_logits(gate, images), calibrated, slices)
+                    space: ClassSpace | tuple[slice, ...]) -> torch.Tensor:
+    return gated_targets(predict_logits(gate, images), calibrated, space)

@@ -35,6 +35,21 @@ def distill_loss(student_logits: torch.Tensor, target: torch.Tensor, loss: Loss,
     raise ValueError(f"unknown joint loss {loss!r}")
 
 
+def set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
+    """``model.train()``, optionally keeping every BatchNorm in eval mode.
+
+    The assembled student's BatchNorm layers hold the statistics the FAM fold was exact
+    for (``amalgam.zoo.resnet``); re-estimating them from joint-stage batches would change
+    the function the stages built before the first gradient step. Students from scratch
+    (the KD and supervised baselines) train their BatchNorm normally.
+    """
+    model.train()
+    if freeze_batchnorm:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def train_end_to_end(
     model: nn.Module,
     images: torch.Tensor,
@@ -48,6 +63,7 @@ def train_end_to_end(
     desc: str = "joint",
     log: Callable[[str], None] = print,
     epoch_end: Callable[[int, float], None] | None = None,
+    freeze_batchnorm: bool = False,
 ) -> list[float]:
     """Train ``model`` (images in [0, 1] -> logits) on uint8 ``images`` against ``targets``.
 
@@ -60,7 +76,7 @@ def train_end_to_end(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15)
     curve = []
     for epoch in range(epochs):
-        model.train()
+        set_train_mode(model, freeze_batchnorm)
         order = torch.randperm(len(images), generator=gen)
         total, n = 0.0, 0
         bar = tqdm(range(0, len(order), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)

@@ -113,8 +113,12 @@ def _cell(s: str) -> str:
 
 
 def format_table(space: ClassSpace, results: list[MethodResult]) -> str:
-    """The markdown results table alone; teacher columns hold task-aware accuracy."""
-    header = [*space.teachers, "comprehensive", "params", "MACs", "latency b1 (ms)", "latency b256 (ms)", "labels used"]
+    """The markdown results table alone; teacher columns hold task-aware accuracy. When teachers
+    share classes, ``shared`` / ``unshared`` follow comprehensive (its accuracy on the test
+    samples of shared / unshared classes)."""
+    sharing = ["shared", "unshared"] if space.overlapping else []
+    header = [*space.teachers, "comprehensive", *sharing, "params", "MACs", "latency b1 (ms)", "latency b256 (ms)",
+              "labels used"]
     lines = [
         "| " + " | ".join(["method", *map(_cell, header)]) + " |",
         "|" + "---|" + "---:|" * (len(header) - 1) + "---|",
@@ -122,8 +126,9 @@ def format_table(space: ClassSpace, results: list[MethodResult]) -> str:
     for r in results:
         m = r.metrics
         accs = [_acc(m.task_aware.get(t) if m else None) for t in space.teachers]
+        accs += [_acc(m.comprehensive if m else None)] + [_acc(getattr(m, k) if m else None) for k in sharing]
         row = [
-            _cell(r.name), *accs, _acc(m.comprehensive if m else None), _int(r.params), _int(r.macs),
+            _cell(r.name), *accs, _int(r.params), _int(r.macs),
             _ms(r.latency_ms_b1), _ms(r.latency_ms_b256), "yes" if r.labels_used else "no",
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -139,11 +144,26 @@ def _markdown(title: str, space: ClassSpace, results: list[MethodResult], extra:
         "Teacher columns: task-aware accuracy (argmax within that teacher's classes, on its test samples). "
         "comprehensive: argmax over all classes. MACs: one sample.",
     ]
+    if space.overlapping:
+        parts += [
+            "",
+            f"Shared classes (known by several teachers): {', '.join(space.shared)}. shared / unshared: "
+            "comprehensive accuracy on the test samples of shared / unshared classes. A shared class's target "
+            "is the average of the calibrated logits of the teachers that know it (the gated mixture: their "
+            "summed probability); ensembles combine them the same way.",
+        ]
     notes = [f"- **{r.name}**: {r.notes}" for r in results if r.notes]
     if notes:
         parts += ["", "## Notes", "", *notes]
     if extra:
-        parts += ["", "## Details", "", *(f"- {k}: {v}" for k, v in extra.items())]
+        parts += ["", "## Details", "", *(f"- {k}: {v}" for k, v in extra.items() if k != "skipped_images")]
+    skipped = (extra or {}).get("skipped_images") or []
+    if skipped:  # unreadable image files of an image-folder pool or test set (report.json lists them all)
+        sets = ", ".join(f"{s} {sum(1 for x in skipped if x['set'] == s)}" for s in dict.fromkeys(x["set"] for x in skipped))
+        parts += ["", "## Skipped images", "", f"{len(skipped)} unreadable image files were skipped ({sets}):", "",
+                  *(f"- {x['set']}: `{x['path']}`: {x['reason']}" for x in skipped[:50])]
+        if len(skipped) > 50:
+            parts.append(f"- ... and {len(skipped) - 50} more (report.json, extra.skipped_images, lists them all)")
     return "\n".join(parts) + "\n"
 
 
@@ -168,14 +188,17 @@ def _plot_stage_losses(curves: dict[str, list[float]], path: Path) -> None:
 
 def _plot_accuracy(space: ClassSpace, results: list[MethodResult], path: Path) -> None:
     scored = [r for r in results if r.metrics is not None]
-    series = [*space.teachers, "comprehensive"]
+    series = [*space.teachers, "comprehensive", *(["shared", "unshared"] if space.overlapping else [])]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(scored) * len(series) / 3 + 2), 4.5))
     width = 0.8 / len(series)
     x = np.arange(len(scored))
     for j, s in enumerate(series):
-        vals = [r.metrics.comprehensive if s == "comprehensive" else r.metrics.task_aware.get(s, math.nan) for r in scored]
+        if j >= len(space.teachers):  # comprehensive, shared, unshared: Metrics attributes
+            vals = [getattr(r.metrics, s) if getattr(r.metrics, s) is not None else math.nan for r in scored]
+        else:
+            vals = [r.metrics.task_aware.get(s, math.nan) for r in scored]
         ax.bar(x + (j - (len(series) - 1) / 2) * width, np.nan_to_num(vals), width, label=s,
-               hatch="//" if s == "comprehensive" else None)
+               hatch="//" if j >= len(space.teachers) else None)
     ax.set_xticks(x, [r.name for r in scored], rotation=20, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("accuracy")
@@ -198,9 +221,14 @@ def _plot_confusion(space: ClassSpace, result: MethodResult, path: Path) -> None
     ax.set_yticks(range(c), space.names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for s in space.slices[1:]:
-        ax.axhline(s.start - 0.5, color="tab:red", lw=0.8)
-        ax.axvline(s.start - 0.5, color="tab:red", lw=0.8)
+    # Where each later teacher's new classes start (its slice, for a disjoint zoo).
+    seen: set[int] = set()
+    for i, pos in enumerate(space.positions):
+        new = [p for p in pos if p not in seen]
+        seen.update(pos)
+        if i and new:
+            ax.axhline(min(new) - 0.5, color="tab:red", lw=0.8)
+            ax.axvline(min(new) - 0.5, color="tab:red", lw=0.8)
     if c <= 30:
         for i in range(c):
             for j in range(c):
@@ -241,7 +269,8 @@ def write_report(
         "title": title,
         "main": main,
         "classes": list(space.names),
-        "teachers": [{"name": t, "classes": list(space.names[s])} for t, s in zip(space.teachers, space.slices)],
+        "teachers": [{"name": t, "classes": [space.names[p] for p in pos]} for t, pos in zip(space.teachers, space.positions)],
+        **({"shared_classes": list(space.shared)} if space.overlapping else {}),
         "methods": [r.to_dict() for r in results],
         "stage_curves": stage_curves,
         "extra": extra,

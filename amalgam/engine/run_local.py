@@ -43,7 +43,7 @@ from amalgam.engine.gating import fit_gate, gate_and_target, gated_targets
 from amalgam.engine.joint import train_end_to_end
 from amalgam.engine.report import MethodResult, format_table, write_report
 from amalgam.errors import AmalgamError
-from amalgam.engine.stages import assemble, build_stages, fit_stages, stage_specs
+from amalgam.engine.stages import assemble, build_stages, fit_stages, match_output_statistics, stage_specs
 from amalgam.engine.student import build_student, common_topology, student_config
 from amalgam.job import Job, dump_job
 from amalgam.student_io import DeployedStudent, save_student
@@ -196,17 +196,21 @@ class OnlineSource:
 
 
 def joint_targets(job: Job, images: torch.Tensor, raw_logits: torch.Tensor, calibrated: torch.Tensor,
-                  slices: tuple[slice, ...], input_spec: InputSpec, log: Log = print,
+                  space: ClassSpace, input_spec: InputSpec, log: Log = print,
                   fit_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, DeployedStudent | None]:
     """What the joint stage regresses: raw logits (paper: mse, no calibration), the calibrated
     logits, or the gated mixture of experts (the gate is fitted here, label-free, on
-    ``fit_rows`` only when given, and returned)."""
+    ``fit_rows`` only when given, and returned).
+
+    ``raw_logits`` and ``calibrated`` are the teachers' concatenated outputs; the target is in
+    the student's class space, shared classes combined by ``ClassSpace.to_union`` (logits:
+    mean; the gated mixture: summed probability)."""
     if job.joint.target == "gated":
         rows = slice(None) if fit_rows is None else fit_rows
-        gate = fit_gate(images[rows], calibrated[rows], slices, input_spec, job.joint.gate.epochs, job.joint.gate.keep,
-                        job.joint.lr, job.seed, log)
-        return gate_and_target(gate, images, calibrated, slices), gate
-    return (raw_logits if job.joint.loss == "mse" and job.calibration == "none" else calibrated), None
+        gate = fit_gate(images[rows], calibrated[rows], space.blocks, input_spec, job.joint.gate.epochs,
+                        job.joint.gate.keep, job.joint.lr, job.seed, log)
+        return gate_and_target(gate, images, calibrated, space), gate
+    return space.to_union(raw_logits if job.joint.loss == "mse" and job.calibration == "none" else calibrated), None
 
 
 @dataclass
@@ -234,6 +238,8 @@ def _only_task(metrics: Metrics, teacher: str) -> Metrics:
         comprehensive_per_task={k: nan for k in metrics.comprehensive_per_task},
         confusion=metrics.confusion,
         n=metrics.n,
+        shared=None if metrics.shared is None else nan,
+        unshared=None if metrics.unshared is None else nan,
     )
 
 
@@ -263,8 +269,9 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     job = job.model_copy(update={"zoo": str(job.zoo_path())})
     space: ClassSpace = manifest.class_space()
     ref_cfg = common_topology([t.name for t in teachers], [t.net.config for t in teachers])
-    pool = build_pool(job.pool) if pool is None else pool
-    test = build_pool(job.evaluation.test)
+    in_shape = teachers[0].entry.input.shape  # image files are decoded to the teachers' input shape
+    pool = build_pool(job.pool, input_shape=in_shape, log=log) if pool is None else pool
+    test = build_pool(job.evaluation.test, input_shape=in_shape, log=log)
     test_labels = space.remap(test.class_names, test.labels)
     log(f"[run] job {job.name}: {len(teachers)} teachers, {len(space)} classes, pool {len(pool)}, test {len(test)}")
 
@@ -273,8 +280,9 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     source = (source_factory or OnlineSource)(job, teachers, pool, log)
     with phase("extract"):
         tp = source.teacher_pass()
-    calib: Calibration = fit_calibration(tp.logits, space.slices, job.calibration)
-    targets = calib(tp.logits)
+    calib: Calibration = fit_calibration(tp.logits, space.blocks, job.calibration)
+    calibrated = calib(tp.logits)  # the teachers' concatenated outputs (the gate reads these)
+    targets = space.to_union(calibrated)  # the student's classes: shared ones averaged (amalgam.classes)
     t0 = lap("teacher_statistics_pass", t0)
 
     # 3. feature amalgamation
@@ -304,7 +312,9 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     skeleton = build_student(s_cfg)
     nets = build_stages(skeleton)
     specs = stage_specs(skeleton)
-    target_var = {tap: float(c.code_moments(tp.stats[tap])[1].mean()) for tap, c in codecs.items()}
+    moments = {tap: c.code_moments(tp.stats[tap]) for tap, c in codecs.items()}
+    match_output_statistics(nets, moments)
+    target_var = {tap: float(var.mean()) for tap, (_, var) in moments.items()}
     target_var["head"] = float(targets.var(0).mean())
     steps = -(-len(pool) // job.stages.batch_size)
     with phase("stages"):
@@ -322,14 +332,14 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     log(f"[stages] assembled student: comprehensive {after_stages.comprehensive:.4f}")
 
     # 5. joint stage (optionally against gated, mixture-of-experts targets)
-    joint_target, gate = joint_targets(job, pool.images, tp.logits, targets, space.slices, s_spec, log)
+    joint_target, gate = joint_targets(job, pool.images, tp.logits, calibrated, space, s_spec, log)
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
             joint_curve = source.train_joint(student, joint_target, run_dir)
         else:
             joint_curve = train_end_to_end(
                 student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
-                job.joint.batch_size, job.joint.temperature, job.seed, "joint", log,
+                job.joint.batch_size, job.joint.temperature, job.seed, "joint", log, freeze_batchnorm=True,
             ) if job.joint.epochs else []
     evaluate_phase = phase("evaluate")
     evaluate_phase.__enter__()
@@ -338,21 +348,22 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     # 6. baselines and evaluation
     shape = tuple(s_spec.shape)
     teacher_test_logits = [predict_logits(t, test.images) for t in teachers]
-    ens_raw = torch.cat(teacher_test_logits, 1)
+    ens_raw = torch.cat(teacher_test_logits, 1)  # concatenated; ensembles combine shared classes as targets do
     results: list[MethodResult] = []
-    for t, lg, s in zip(teachers, teacher_test_logits, space.slices):
+    for t, lg, pos in zip(teachers, teacher_test_logits, space.positions):
         full = torch.full((len(test), len(space)), float("-inf"))
-        full[:, s] = lg
+        full[:, list(pos)] = lg
         m = _only_task(evaluate_logits(full, test_labels, space), t.name)
         results.append(MethodResult(f"teacher {t.name}", m, **_cost(t, shape, job.evaluation.latency)))
     all_teachers = Concat(teachers)
     teachers_cost = _cost(all_teachers, shape, job.evaluation.latency)
-    results.append(MethodResult("ensemble (raw logits)", evaluate_logits(ens_raw, test_labels, space), **teachers_cost))
+    results.append(MethodResult("ensemble (raw logits)", evaluate_logits(space.to_union(ens_raw), test_labels, space),
+                                **teachers_cost))
     if job.calibration != "none":
-        results.append(MethodResult(f"ensemble ({job.calibration})", evaluate_logits(calib(ens_raw), test_labels, space),
-                                    **teachers_cost))
+        results.append(MethodResult(f"ensemble ({job.calibration})",
+                                    evaluate_logits(space.to_union(calib(ens_raw)), test_labels, space), **teachers_cost))
     if gate is not None:
-        gated_ens = gated_targets(predict_logits(gate, test.images), calib(ens_raw), space.slices)
+        gated_ens = gated_targets(predict_logits(gate, test.images), calib(ens_raw), space)
         gate_cost = {k: (v + c if v is not None and c is not None else None) for (k, v), c in
                      zip(teachers_cost.items(), _cost(gate, shape, job.evaluation.latency).values())}
         results.append(MethodResult("ensemble (gated, label-free)", evaluate_logits(gated_ens, test_labels, space),
@@ -407,6 +418,9 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     }
     if hasattr(source, "provenance"):
         extra["feature_store"] = source.provenance()
+    if pool.skipped or test.skipped:  # unreadable image files, skipped (amalgam.data.images)
+        extra["skipped_images"] = [{"set": name, "path": path, "reason": why}
+                                   for name, p in (("pool", pool), ("test", test)) for path, why in p.skipped]
     write_report(run_dir, f"amalgam run {job.name}", space, results, main_name, curves, extra)
     log("\n" + format_table(space, results))
     log(f"\n[run] done in {timings['total']:.0f}s; run directory {run_dir}")

@@ -22,6 +22,7 @@ from amalgam.engine.run_local import Log, joint_targets, pool_input_spec
 from amalgam.engine.student import common_topology
 from amalgam.job import Job
 from amalgam.sweep.space import balance_values, stored_widths, sweep_of
+from amalgam.zoo.arch import config_to_dict
 from amalgam.zoo.manifest import load_zoo
 
 
@@ -89,7 +90,11 @@ def prepare(job: Job, address: str | None, log: Log = print) -> SweepSetup:
     manifest, teachers = load_zoo(job.zoo_path())
     space = manifest.class_space()
     ref = common_topology([t.name for t in teachers], [t.net.config for t in teachers])
-    pool = build_pool(job.pool)
+    if job.pool.has_images():
+        from amalgam.distributed.extract import ensure_ray
+
+        ensure_ray(address)  # before the pool is built, so Ray Data reads the image files
+    pool = build_pool(job.pool, input_shape=teachers[0].entry.input.shape, log=log)
     log(f"[sweep] job {job.name}: {len(teachers)} teachers, {len(space)} classes, pool {len(pool)}")
     codes: dict[bool, StoredCodes] = {}
     forwards = 0
@@ -108,20 +113,21 @@ def prepare(job: Job, address: str | None, log: Log = print) -> SweepSetup:
         )
         log(f"[sweep] balance={balance}: codes at widths {widths} in {src.loc.uri_of(src.codes.key)}")
     assert tp is not None
-    calib = fit_calibration(tp.logits, space.slices, job.calibration)
-    targets = calib(tp.logits)
+    calib = fit_calibration(tp.logits, space.blocks, job.calibration)
+    calibrated = calib(tp.logits)  # concatenated teacher outputs
+    targets = space.to_union(calibrated)  # the student's classes (shared ones combined: amalgam.classes)
     train_rows, held = holdout_split(len(pool), sweep.holdout, sweep.seed)
     s_spec = pool_input_spec(pool)
     # The gate (if any) sees only training rows, so hold-out images stay unseen by everything trained.
-    jt, _ = joint_targets(job, pool.images, tp.logits, targets, space.slices, s_spec, log, fit_rows=train_rows)
+    jt, _ = joint_targets(job, pool.images, tp.logits, calibrated, space, s_spec, log, fit_rows=train_rows)
     validation = None
     if sweep.validation is not None:
-        vpool = build_pool(sweep.validation)
+        vpool = build_pool(sweep.validation, input_shape=teachers[0].entry.input.shape, log=log)
         validation = (vpool.images, space.remap(vpool.class_names, vpool.labels))
     counts = counters.since(before)
     counts[counters.TEACHER_FORWARDS] += forwards  # the extraction actors' forwards (other processes)
     return SweepSetup(
-        job=job, store_uri=job.store_uri(), s3=job.store.s3.model_dump(), codes=codes, teacher_config=ref.model_dump(),
+        job=job, store_uri=job.store_uri(), s3=job.store.s3.model_dump(), codes=codes, teacher_config=config_to_dict(ref),
         space=space, input_spec=s_spec.model_dump(), head_targets=targets, joint_targets=jt, train_rows=train_rows,
         holdout_rows=held, validation=validation, threads=max(1, int(sweep.cpus_per_trial)), prep_counts=counts,
     )

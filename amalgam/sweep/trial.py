@@ -19,12 +19,12 @@ from amalgam.engine import counters
 from amalgam.engine.evaluate import count_macs, count_params, cpu_latency_ms, evaluate_logits, predict_logits
 from amalgam.engine.fidelity import fidelity
 from amalgam.engine.joint import train_end_to_end
-from amalgam.engine.stages import assemble, build_stages, fit_stages, stage_specs
+from amalgam.engine.stages import assemble, build_stages, fit_stages, match_output_statistics, stage_specs
 from amalgam.engine.student import build_student, student_config
 from amalgam.student_io import DeployedStudent
 from amalgam.sweep.prepare import SweepSetup
 from amalgam.sweep.space import trial_widths
-from amalgam.zoo.arch import CNNConfig
+from amalgam.zoo.arch import config_from_dict
 from amalgam.zoo.manifest import InputSpec, Normalize
 
 def _pool_images(ds, n: int) -> torch.Tensor:
@@ -64,11 +64,13 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
     quiet = lambda _msg: None  # noqa: E731 (Tune's table shows progress; per-batch lines would flood the driver)
     stored = setup.codes[bool(config["balance"])]
     widths = trial_widths(job, config["widths"], stored.channels, stored.widths)
-    cfg = student_config(CNNConfig(**setup.teacher_config), widths, len(setup.space))
+    cfg = student_config(config_from_dict(setup.teacher_config), widths, len(setup.space))
     spec_in = InputSpec(**setup.input_spec)
     skeleton = build_student(cfg)
     nets, specs = build_stages(skeleton), stage_specs(skeleton)
-    target_var = {t: float(stored.code_var[t][:w].mean()) for t, w in widths.items()}
+    var = {t: torch.as_tensor(stored.code_var[t][:w]) for t, w in widths.items()}
+    match_output_statistics(nets, {t: (torch.zeros_like(v), v) for t, v in var.items()})  # PCA codes are centred
+    target_var = {t: float(v.mean()) for t, v in var.items()}
     target_var["head"] = float(setup.head_targets.var(0).mean())
     ds = Dataset.open(open_store(setup.store_uri, S3Options(**setup.s3)), stored.codes_key)
     batches = store_epoch_batches(ds, widths, setup.head_targets, Normalize(spec_in.mean, spec_in.std),
@@ -95,4 +97,4 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
     else:
         train_end_to_end(student, images[train], setup.joint_targets[train], job.joint.loss, job.joint.epochs,
                          float(config["joint_lr"]), job.joint.batch_size, float(config["temperature"]), seed,
-                         "joint", quiet, epoch_end=lambda e, loss: report(e + 1, loss))
+                         "joint", quiet, epoch_end=lambda e, loss: report(e + 1, loss), freeze_batchnorm=True)

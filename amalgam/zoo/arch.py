@@ -17,20 +17,19 @@ engine uses to build a student of the same topology at compact widths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-TapKind = Literal["conv", "fc"]
-
+from amalgam.zoo.taps import TapInfo, TapKind  # noqa: F401  (re-exported)
 
 class CNNConfig(BaseModel):
     """Architecture arguments of :class:`TappedCNN` (stored in the zoo manifest)."""
 
     model_config = ConfigDict(extra="forbid")
+    arch_name: ClassVar[str] = "tapped_cnn"
     in_channels: int = Field(1, gt=0)
     image_size: int = Field(28, gt=0)
     conv_widths: list[int] = Field(min_length=1)
@@ -51,19 +50,22 @@ class CNNConfig(BaseModel):
             update={"conv_widths": list(widths[:nc]), "fc_widths": list(widths[nc : nc + nf]), "num_classes": widths[-1]}
         )
 
+    def for_student(self, widths: list[int]) -> "CNNConfig":
+        """The student of this topology at ``widths`` (last = the class-space size)."""
+        return self.with_widths(widths)
 
-@dataclass(frozen=True)
-class TapInfo:
-    """One tap: ``path`` is the module path a forward hook attaches to."""
+    def unit_names(self) -> list[str]:
+        return [*(f"conv{i + 1}" for i in range(len(self.conv_widths))),
+                *(f"fc{j + 1}" for j in range(len(self.fc_widths))), "head"]
 
-    name: str
-    path: str
-    kind: TapKind
-    channels: int
-    stride: int  # spatial reduction w.r.t. the input; 0 for FC taps
+    def describe(self) -> str:
+        """The topology in a few words, for error messages."""
+        return f"{len(self.conv_widths)} conv + {len(self.fc_widths)} fc at {self.image_size}px"
 
-    def as_dict(self) -> dict:
-        return {"name": self.name, "path": self.path, "kind": self.kind, "channels": self.channels, "stride": self.stride}
+    def topology(self) -> dict:
+        """Everything but the widths: teachers of one family must agree on it."""
+        return {"conv layers": len(self.conv_widths), "fc layers": len(self.fc_widths), "image_size": self.image_size,
+                "in_channels": self.in_channels, "kernel_size": self.kernel_size}
 
 
 class Pre(nn.Module):
@@ -136,8 +138,55 @@ class TappedCNN(nn.Module):
         return x
 
 
-def build_model(arch: str, args: dict) -> TappedCNN:
+# --- the architecture registry ----------------------------------------------------------------
+# A manifest or student file names an architecture and its arguments; these map them to a
+# config class and a network class. Every network exposes the same tapped-unit interface
+# (``unit_names``, ``pres``, ``layers``, ``feature_info()``, ``forward_unit``, ``config``), which is all
+# the engine's stages, FAMs and fold rely on.
+
+
+def _registry() -> dict[str, tuple[type, type]]:
+    from amalgam.zoo.resnet import ResNetConfig, TappedResNet
+
+    archs: dict[str, tuple[type, type]] = {"tapped_cnn": (CNNConfig, TappedCNN), "resnet": (ResNetConfig, TappedResNet)}
+    try:
+        from amalgam.zoo.efficientnet_lite import EfficientNetLiteConfig, TappedEfficientNetLite
+    except ImportError:  # not written yet in this checkout
+        pass
+    else:
+        archs["efficientnet_lite"] = (EfficientNetLiteConfig, TappedEfficientNetLite)
+    return archs
+
+
+def known_architectures() -> list[str]:
+    return list(_registry())
+
+
+def build_config(arch: str, args: dict):
+    """The validated config of architecture ``arch`` (ValueError naming the arch when unknown)."""
+    archs = _registry()
+    if arch not in archs:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(archs)}")
+    return archs[arch][0](**args)
+
+
+def build_net(config) -> nn.Module:
+    """The network of a config object (any registered architecture)."""
+    for cfg_cls, net_cls in _registry().values():
+        if isinstance(config, cfg_cls):
+            return net_cls(config)
+    raise TypeError(f"no architecture for config {type(config).__name__}")
+
+
+def config_to_dict(config) -> dict:
+    """``{"arch": name, "args": {...}}``: how configs travel to Ray workers and into files."""
+    return {"arch": type(config).arch_name, "args": config.model_dump()}
+
+
+def config_from_dict(d: dict):
+    return build_config(d["arch"], d["args"])
+
+
+def build_model(arch: str, args: dict) -> nn.Module:
     """Architecture registry: names in the manifest map to constructors here."""
-    if arch != "tapped_cnn":
-        raise ValueError(f"unknown architecture {arch!r}; known: tapped_cnn")
-    return TappedCNN(CNNConfig(**args))
+    return build_net(build_config(arch, args))

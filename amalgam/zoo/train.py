@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from amalgam.data.datasets import load_split, to_float
+from amalgam.data.pool import convert_images  # the pool's own conversion: teachers train on the pixels a pool shows them
 from amalgam.errors import AmalgamError
-from amalgam.zoo.arch import CNNConfig, TappedCNN
+from amalgam.zoo.arch import build_config, build_net
 from amalgam.zoo.manifest import (
     InputSpec,
     TapSpec,
@@ -35,6 +36,14 @@ DATASET_NORM = {"mnist": ([0.1307], [0.3081]), "fashion": ([0.2860], [0.3530])}
 
 SMALL = {"conv_widths": [16, 32, 64], "fc_widths": [128]}
 WIDE = {"conv_widths": [24, 48, 96], "fc_widths": [192]}
+RESNET_SMALL = {"stem": "small", "stem_width": 8, "blocks": [1, 1], "stage_widths": [16, 32]}
+RESNET_WIDE = {"stem": "small", "stem_width": 12, "blocks": [1, 1], "stage_widths": [24, 48]}
+IMAGENET_NORM = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+# EfficientNet-Lite0 fine-tuned from ImageNet on 3-channel 32 px Fashion-MNIST (README,
+# "Pretrained backbones"): Lite0's own topology and widths, the config's defaults.
+EFFNET_LITE0 = {"dropout": 0.2}
+EFFNET_TRAIN_IMAGES = 12000
+EFFNET_32PX = dict(arch="efficientnet_lite", in_channels=3, image_size=32, norm=IMAGENET_NORM, pretrained="imagenet")
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,24 @@ class TeacherRecipe:
     name: str
     dataset: str
     local_classes: list[int]
-    widths: dict
+    widths: dict  # architecture arguments beyond input shape and class count
     epochs: int
     target_accuracy: float  # quality bar for its own test classes
     lr: float = 2e-3
+    arch: str = "tapped_cnn"
+    # Input conversion and initialisation (pretrained backbones): grey images repeated to
+    # ``in_channels`` and resized (bilinear) to ``image_size`` (None: the dataset's size), as
+    # uint8, exactly as a pool is converted to the teachers' input shape
+    # (:func:`amalgam.data.pool.convert_images`), normalised by ``norm`` = (mean, std) per channel
+    # (None: the dataset's own statistics); ``pretrained`` names weights of the family to
+    # start from (``imagenet``), with a fresh classifier. ``train_images`` caps the images
+    # one epoch sees (CPU budget); ``None``: all of the teacher's classes.
+    in_channels: int = 1
+    image_size: int | None = None
+    norm: tuple[list[float], list[float]] | None = None
+    pretrained: str | None = None
+    train_images: int | None = None
+    weight_decay: float = 1e-4
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,24 @@ PRESETS: dict[str, ZooPreset] = {
             TeacherRecipe("mnist-5-9", "mnist", [5, 6, 7, 8, 9], WIDE, epochs=3, target_accuracy=0.99),
             TeacherRecipe("fashion-0-4", "fashion", [0, 1, 2, 3, 4], WIDE, epochs=6, target_accuracy=0.90),
             TeacherRecipe("fashion-5-9", "fashion", [5, 6, 7, 8, 9], SMALL, epochs=4, target_accuracy=0.90),
+        ],
+    ),
+    # Two small ResNets (3x3 stem, two stages), for tests of the residual family.
+    "resnet-mnist-2": ZooPreset(
+        "resnet-mnist-2",
+        [
+            TeacherRecipe("mnist-0-4", "mnist", [0, 1, 2, 3, 4], RESNET_SMALL, epochs=2, target_accuracy=0.97, arch="resnet", lr=1e-2),
+            TeacherRecipe("mnist-5-9", "mnist", [5, 6, 7, 8, 9], RESNET_WIDE, epochs=2, target_accuracy=0.97, arch="resnet", lr=1e-2),
+        ],
+    ),
+    # Two ImageNet-pretrained EfficientNet-Lite0s fine-tuned on the Fashion-MNIST halves at 32 px.
+    "effnet-fashion-2": ZooPreset(
+        "effnet-fashion-2",
+        [
+            TeacherRecipe("fashion-0-4", "fashion", [0, 1, 2, 3, 4], EFFNET_LITE0, epochs=1, target_accuracy=0.85,
+                          lr=1e-3, train_images=EFFNET_TRAIN_IMAGES, **EFFNET_32PX),
+            TeacherRecipe("fashion-5-9", "fashion", [5, 6, 7, 8, 9], EFFNET_LITE0, epochs=1, target_accuracy=0.85,
+                          lr=1e-3, train_images=EFFNET_TRAIN_IMAGES, **EFFNET_32PX),
         ],
     ),
     # Two teachers, for tests and quick experiments.
@@ -93,8 +134,18 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / max(1, len(images))
 
 
+def init_pretrained(net: torch.nn.Module, arch: str, weights: str) -> None:
+    """Initialise ``net`` from named pretrained weights of its family; the classifier stays fresh."""
+    if (arch, weights) == ("efficientnet_lite", "imagenet"):
+        from amalgam.zoo.efficientnet_lite import load_imagenet_lite0
+
+        load_imagenet_lite0(net, classifier=False)
+        return
+    raise AmalgamError(f"no pretrained weights {weights!r} for architecture {arch}; known: efficientnet_lite/imagenet")
+
+
 class _Normalized(torch.nn.Module):
-    def __init__(self, net: TappedCNN, mean: list[float], std: list[float]):
+    def __init__(self, net: torch.nn.Module, mean: list[float], std: list[float]):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1))
@@ -123,19 +174,31 @@ def train_teacher(
     perm = torch.randperm(len(x), generator=gen)
     n_val = len(x) // 10
     val_idx, train_idx = perm[:n_val], perm[n_val:]
+    if recipe.train_images is not None:
+        train_idx = train_idx[: recipe.train_images]
     if limit is not None:
         train_idx = train_idx[:limit]
         val_idx = val_idx[: max(1, limit // 5)]
         xt, yt = xt[: max(1, limit // 2)], yt[: max(1, limit // 2)]
-    mean, std = DATASET_NORM[recipe.dataset]
-    config = CNNConfig(
-        in_channels=1, image_size=x.shape[-1], num_classes=len(recipe.local_classes), **recipe.widths
+    if recipe.in_channels != x.shape[1] or recipe.image_size not in (None, x.shape[-1]):
+        # Convert only the images used (3 x 32 x 32 is 4x the bytes), re-indexed in place.
+        used = torch.cat([train_idx, val_idx])
+        shape = [recipe.in_channels, recipe.image_size or x.shape[-2], recipe.image_size or x.shape[-1]]
+        x, y = convert_images(x[used], shape), y[used]
+        train_idx, val_idx = torch.arange(len(train_idx)), torch.arange(len(train_idx), len(used))
+        xt = convert_images(xt, shape)
+    mean, std = recipe.norm or DATASET_NORM[recipe.dataset]
+    config = build_config(
+        recipe.arch,
+        {"in_channels": x.shape[1], "image_size": x.shape[-1], "num_classes": len(recipe.local_classes), **recipe.widths},
     )
-    net = TappedCNN(config)
+    net = build_net(config)
+    if recipe.pretrained:
+        init_pretrained(net, recipe.arch, recipe.pretrained)
     model = _Normalized(net, mean, std)
     n_epochs = epochs or recipe.epochs
     steps = n_epochs * math.ceil(len(train_idx) / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps, pct_start=0.15)
     bar = tqdm(total=steps, desc=f"train {recipe.name}", unit="step", leave=False)
     for epoch in range(n_epochs):
@@ -158,12 +221,12 @@ def train_teacher(
     class_names = train.class_names
     return TeacherEntry(
         name=recipe.name,
-        arch="tapped_cnn",
+        arch=recipe.arch,
         arch_args=config.model_dump(),
         weights=weights.name,
         sha256=digest,
         classes=[class_names[c] for c in recipe.local_classes],
-        input=InputSpec(shape=[1, x.shape[-2], x.shape[-1]], mean=mean, std=std),
+        input=InputSpec(shape=list(x.shape[1:]), mean=list(mean), std=list(std)),
         taps=[TapSpec(**t.as_dict()) for t in net.feature_info()],
         metrics={
             "val_accuracy": round(val_acc, 5),
@@ -216,8 +279,8 @@ def zoo_table(manifest: ZooManifest) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in manifest.teachers:
-        cfg = CNNConfig(**t.arch_args)
-        params = sum(p.numel() for p in TappedCNN(cfg).parameters())
+        cfg = build_config(t.arch, t.arch_args)
+        params = sum(p.numel() for p in build_net(cfg).parameters())
         m = t.metrics
         ok = "yes" if m.get("test_accuracy", 0) >= m.get("target_accuracy", 1) else "NO"
         rows.append(

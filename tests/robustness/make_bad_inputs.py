@@ -301,8 +301,8 @@ def zoo_incompatible_spatial_sizes(d: Path) -> None:
 @case
 def zoo_overlapping_class_names(d: Path) -> None:
     a, b = teacher(d / "zoo", "a"), teacher(d / "zoo", "b")
-    b["classes"] = ["fashion/Bag", "mnist/2"]
-    write_zoo(d / "zoo", [a, b], "teachers a and b both claim mnist/2")
+    b["classes"] = ["mnist/2", "mnist/2"]
+    write_zoo(d / "zoo", [a, b], "teacher b lists mnist/2 twice (teachers may share classes; one teacher may not repeat one)")
 
 
 @case
@@ -310,6 +310,45 @@ def zoo_duplicate_teacher_names(d: Path) -> None:
     a, b = teacher(d / "zoo", "a"), teacher(d / "zoo", "b")
     b["name"] = "a"
     write_zoo(d / "zoo", [a, b], "two teachers called a")
+
+
+# --------------------------------------------------------------------------- zoo import cases
+
+
+def write_import_spec(d: Path, teachers: list[dict], note: str) -> None:
+    """An ``amalgam zoo import`` spec at ``d/import.yaml`` (weights paths relative to it)."""
+    text = f"# {note}\n" + yaml.safe_dump({"name": "imported", "teachers": teachers}, sort_keys=False)
+    (d / "import.yaml").write_text(text)
+
+
+def import_teacher(name: str, weights: str, **extra) -> dict:
+    return {"name": name, "weights": weights, "arch": "tapped_cnn", "classes": CLASSES[name],
+            "input": {"shape": [1, 28, 28], "mean": [0.5], "std": [0.25]}, **extra}
+
+
+@case
+def zoo_import_malicious_checkpoint(d: Path) -> None:
+    save_safetensors(tiny_net(len(CLASSES["b"])), d / "b.safetensors")
+    save_malicious_checkpoint(tiny_net(len(CLASSES["a"])), d / "a.pt")
+    write_import_spec(d, [import_teacher("b", "b.safetensors"), import_teacher("a", "a.pt")],
+                      "teacher a's state_dict carries a pickled payload")
+
+
+@case
+def zoo_import_tensor_shape_mismatch(d: Path) -> None:
+    save_safetensors(tiny_net(len(CLASSES["a"])), d / "a.safetensors")
+    save_safetensors(tiny_net(len(CLASSES["b"])), d / "b.safetensors")
+    write_import_spec(d, [import_teacher("a", "a.safetensors"),
+                          import_teacher("b", "b.safetensors", arch_args={"conv_widths": [2, 3], "fc_widths": [4]})],
+                      "teacher b declares 3 conv2 channels; its weights have 2")
+
+
+@case
+def zoo_import_over_existing_zoo(d: Path) -> None:
+    a, b = teacher(d / "zoo", "a"), teacher(d / "zoo", "b")
+    write_zoo(d / "zoo", [a, b], "a zoo that an import without --force must leave alone")
+    save_safetensors(tiny_net(len(CLASSES["a"]), scale=0.2), d / "a-retrained.safetensors")
+    write_import_spec(d, [import_teacher("a", "a-retrained.safetensors")], "would replace zoo/zoo.yaml and zoo/a.safetensors")
 
 
 # --------------------------------------------------------------------------- student cases
