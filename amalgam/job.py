@@ -148,7 +148,12 @@ class Evaluation(_Strict):
 
 
 class StoreConfig(_Strict):
-    uri: str = Field("$AMALGAM_HOME/store", description="a path, file://PATH or s3://BUCKET/PREFIX")
+    # The default follows $AMALGAM_STORE_URI when set: the KubeRay overlays point every job of a
+    # cluster at its object store that way (k8s/*/kustomization.yaml), with no store: section.
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("AMALGAM_STORE_URI") or "$AMALGAM_HOME/store",
+        description="a path, file://PATH or s3://BUCKET/PREFIX; $VARS expand (default $AMALGAM_STORE_URI, else $AMALGAM_HOME/store)",
+    )
     s3: S3Options = Field(default_factory=S3Options)
 
     @field_validator("uri")
@@ -296,6 +301,11 @@ class Job(_Strict):
 
     def store_uri(self) -> str:
         uri = self.store.uri
+        if uri.startswith("$"):  # `uri: $AMALGAM_STORE_URI` may name an s3:// store: expand before deciding
+            uri = os.path.expandvars(uri.replace("$AMALGAM_HOME", str(amalgam_home())))
+            if credentials_in_uri(uri):
+                raise AmalgamError(f"job {self.name}: store.uri {self.store.uri} expands to a URI with credentials; "
+                                   "use the environment or store.s3 for secrets")
         return uri if uri.startswith("s3://") else str(self.resolve(uri.removeprefix("file://")))
 
 

@@ -186,3 +186,21 @@ def test_validate_refuses_teachers_of_different_topologies(tmp_path, capsys):
     assert main(["validate", str(job)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "teacher b has a different topology from teacher a" in err
+
+
+def test_store_uri_follows_amalgam_store_uri_and_expands_before_choosing_s3(tmp_path, monkeypatch):
+    """The KubeRay overlays set AMALGAM_STORE_URI=s3://...; a job with no store: section must use it."""
+    from amalgam.job import parse_job
+
+    raw = {"version": 1, "name": "x", "zoo": "z.yaml", "pool": {"sources": [{"dataset": "mnist"}]}}
+    monkeypatch.delenv("AMALGAM_STORE_URI", raising=False)
+    monkeypatch.setenv("AMALGAM_HOME", str(tmp_path / "home"))
+    assert parse_job(dict(raw), tmp_path / "j.yaml").store_uri() == str(tmp_path / "home" / "store")
+    monkeypatch.setenv("AMALGAM_STORE_URI", "s3://bucket/store")
+    assert parse_job(dict(raw), tmp_path / "j.yaml").store_uri() == "s3://bucket/store"
+    monkeypatch.delenv("AMALGAM_STORE_URI")
+    monkeypatch.setenv("MY_STORE", "s3://other/prefix")
+    assert parse_job({**raw, "store": {"uri": "$MY_STORE"}}, tmp_path / "j.yaml").store_uri() == "s3://other/prefix"
+    monkeypatch.setenv("MY_STORE", "s3://AKIA:secret@bucket/p")
+    with pytest.raises(AmalgamError, match="expands to a URI with credentials"):
+        parse_job({**raw, "store": {"uri": "$MY_STORE"}}, tmp_path / "j.yaml").store_uri()
