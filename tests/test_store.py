@@ -148,6 +148,25 @@ def test_commit_protocol_and_round_trip(store_uri):
     assert ds.read_side(m.shards[3], "stats.bin") == b"side 3"
 
 
+def test_reads_feed_amalgam_store_read_bytes(store_uri):
+    """Every byte the store reads back is counted in this process's amalgam_store_read_bytes_total."""
+    from amalgam import metrics
+
+    loc = open_store(store_uri)
+    _write(loc, _arrays(20), 8)
+    ds = open_dataset(store_uri, KEY)
+    backend = "s3" if store_uri.startswith("s3://") else "local"
+
+    def counted() -> float:
+        return metrics.METRICS.registry.get_sample_value("amalgam_store_read_bytes_total", {"backend": backend}) or 0.0
+
+    before = counted()
+    ds.read_all()
+    shard_bytes = sum(len(loc.read_bytes(f"{KEY}/{s.file}")) for s in ds.manifest.shards)
+    # read_all read every shard once; the line above read them once more
+    assert counted() - before == 2 * shard_bytes
+
+
 def test_float_tensors_are_stored_byte_stream_split(tmp_path):
     """The encoding that makes codes small and fast to decode is really applied (pyarrow ignores unknown paths)."""
     loc = open_store(str(tmp_path / "store"))

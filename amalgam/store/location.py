@@ -133,9 +133,13 @@ class StoreLocation:
                 return f.read()
 
         try:
-            return self.retry(self.uri_of(rel), read)
+            data = self.retry(self.uri_of(rel), read)
         except FileNotFoundError:
             raise AmalgamError(f"{self.uri_of(rel)}: not found") from None
+        from amalgam import metrics  # this process's amalgam_store_read_bytes_total (a driver's or a worker's)
+
+        metrics.bytes_read(len(data), "s3" if self._is_s3 else "local")
+        return data
 
     def read_buffer(self, rel: str) -> pa.Buffer:
         """Like :meth:`read_bytes`, but into memory Arrow owns (for Parquet, see below).
