@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amalgam.data.pool import PoolSpec
 from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
@@ -99,6 +99,18 @@ class FailAt(_Strict):
         return {"rank": self.rank, "epoch": self.epoch, "marker": str(Path(run_dir).resolve() / self.marker)}
 
 
+# GPUs per Ray Train worker (stages, joint): a number (fractions share a GPU), or ``auto``: the
+# cluster's GPUs shared out, at most one a worker, none (CPU, as by default) when it has none.
+def _gpu_count(v: object) -> object:
+    if v == "auto" or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")):
+        return v
+    raise ValueError(f"must be a number >= 0 or auto, got {v!r}")
+
+
+GpuCount = Annotated[Union[float, Literal["auto"]], BeforeValidator(_gpu_count)]
+GPUS_PER_WORKER = "GPUs per Ray Train worker (0: CPU only); auto: use the cluster's GPUs when it has any"
+
+
 class Stages(_Strict):
     epochs: int = Field(3, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -106,6 +118,7 @@ class Stages(_Strict):
     closed_form_first: bool = Field(True, description="solve stage 1 by least squares (exact optimum)")
     workers: int = Field(2, ge=1, description="Ray Train workers fitting stages in parallel")
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: GpuCount = Field(0.0, description=GPUS_PER_WORKER)
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
     fail_at: FailAt | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 
@@ -123,6 +136,7 @@ class Joint(_Strict):
     gate: Gate = Field(default_factory=Gate)
     workers: int = Field(2, ge=1, description="Ray Train DDP workers (store pipeline)")
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: GpuCount = Field(0.0, description=GPUS_PER_WORKER)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)
     loss: Literal["kd", "mse"] = "kd"
@@ -284,8 +298,9 @@ class Job(_Strict):
     def _zoo_path(cls, v: str) -> str:
         return _no_credential_vars(v)
 
-    # Set by load_job: where relative paths resolve from.
+    # Set by load_job: where relative paths resolve from, and the file (named in errors found later).
     _base_dir: Path = Path(".")
+    _path: Path | None = None
 
     def resolve(self, path: str) -> Path:
         try:
@@ -304,7 +319,8 @@ class Job(_Strict):
         if uri.startswith("$"):  # `uri: $AMALGAM_STORE_URI` may name an s3:// store: expand before deciding
             uri = os.path.expandvars(uri.replace("$AMALGAM_HOME", str(amalgam_home())))
             if credentials_in_uri(uri):
-                raise AmalgamError(f"job {self.name}: store.uri {self.store.uri} expands to a URI with credentials; "
+                where = self._path or f"job {self.name}"
+                raise AmalgamError(f"{where}: field store.uri: {self.store.uri} expands to a URI with credentials; "
                                    "use the environment or store.s3 for secrets")
         return uri if uri.startswith("s3://") else str(self.resolve(uri.removeprefix("file://")))
 
@@ -317,6 +333,7 @@ def parse_job(raw: object, path: Path) -> Job:
     except ValidationError as exc:
         raise AmalgamError(validation_line(path, exc)) from None
     job._base_dir = path.parent.resolve()
+    job._path = path
     # Image sources' paths, like the zoo's, are relative to the job file; made absolute here so
     # the run directory's job.yaml names the same images from anywhere.
     job.pool = job.pool.resolved(job.resolve, job.store.s3)

@@ -18,13 +18,17 @@ metric (helper)                                   where
 ``amalgam_samples_extracted_total{teacher}``      feature extraction (``engine/capture.py`` and its Ray tasks),
 (:func:`samples_extracted`)                       after one teacher's features for a batch are written
 ``amalgam_teacher_forwards_total{teacher}``       each teacher forward pass over a batch (statistics pass,
-(:func:`teacher_forward`)                         extraction, calibration)
+(:func:`teacher_forward`)                         extraction, calibration): per shard from the extraction
+                                                  actors; with ``--local``, the engine's counters
+                                                  (``engine/counters.py``) synced by ``amalgam run``
 ``amalgam_store_written_bytes_total{backend}``    the Parquet feature store, after each shard is written
 ``amalgam_store_read_bytes_total{backend}``       (bytes of the file) or read back; backend ``local``/``s3``
 (:func:`bytes_written`, :func:`bytes_read`)
 ``amalgam_stage_loss{stage}``,                    end of each epoch of a layer-wise stage (``engine/stages.py``;
 ``amalgam_stage_epochs_total{stage}``             stage = tap name such as ``conv2``), of the joint stage
-(:func:`stage_epoch`)                             (``joint``), the gate (``gate``) and the autoencoders
+(:func:`stage_epoch`)                             (``joint``), the gate (``gate``) and the autoencoders;
+                                                  ``amalgam run`` passes ``epoch_end`` to the engine, and Ray
+                                                  Train's reports reach it live (``distributed/progress.py``)
 ``amalgam_trials_total{status}``                  Ray Tune width sweep, when a trial ends
 (:func:`trial_finished`)                          (status ``completed``/``failed``/``pruned``)
 ``amalgam_student_accuracy{model,split}``         ``engine/evaluate.py``, once per evaluated model

@@ -10,7 +10,9 @@ against it:
 * no champion yet (or no ``features.json``: a student registered by hand): a full run;
 * teachers only added: **incremental** amalgamation (:mod:`amalgam.distributed.incremental`):
   only the new teachers run, twice over the training pool (statistics, codes), and the
-  champion's stored codes and logits stand in for the old teachers;
+  champion's stored codes and logits stand in for the old teachers. That step is IFA whatever
+  ``amalgamation.strategy`` says: with ``dfa`` it says so (:data:`DFA_NOTE`, one log line, kept
+  in ``retrain.json`` and ``features.json``);
 * a teacher removed or changed (other weights): the champion's codes mix it in, so a full run
   over the current zoo (the reason is printed); a removed teacher's classes leave the class space.
 
@@ -49,6 +51,10 @@ from amalgam.registry import Registry, RecordMetrics, StudentRecord, finite_or_n
 Log = Callable[[str], None]
 FEATURES_JSON = "features.json"
 STATE_VERSION = 1
+# An incremental retrain cannot do DFA (one auto-encoder over every teacher's features) without
+# the old teachers' features, which the store does not keep; it says so instead of doing IFA silently.
+DFA_NOTE = ("dfa requested; retrain amalgamates incrementally (IFA) from stored codes; "
+            "run a full `amalgam run` for DFA")
 
 
 class _Strict(BaseModel):
@@ -79,6 +85,8 @@ class FeatureState(_Strict):
     code_teachers: list[CodeTeacher]  # whose features the codes encode
     logits: list[LogitSource]
     amalgamation: dict  # the job's amalgamation section
+    strategy: Literal["dfa", "ifa"] | None = None  # how these codes were made (None: written before it was kept)
+    note: str | None = None  # e.g. DFA_NOTE: the job asked for another strategy than the one done
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -126,6 +134,11 @@ class Plan:
     champion: StudentRecord | None = None
     epoch: int = 0  # champion log epoch read (0: none): the compare-and-swap of the promotion
     state: FeatureState | None = None
+    note: str | None = None  # said once in the log and kept in retrain.json and features.json
+
+    def strategy(self, job: Job) -> str:
+        """The amalgamation strategy this plan carries out (an incremental step is always IFA)."""
+        return "ifa" if self.mode == "incremental" else job.amalgamation.strategy
 
 
 def holdout_split(n: int, fraction: float, seed: int):
@@ -200,6 +213,8 @@ def make_plan(job: Job, reg: Registry, entries: list, pool_fp: str | None) -> Pl
         return plan
     plan.mode = "incremental"
     plan.reason = f"only new teachers: IFA step on champion v{champion.version}'s stored codes"
+    if job.amalgamation.strategy == "dfa":
+        plan.note = DFA_NOTE
     return plan
 
 
@@ -241,8 +256,9 @@ def holdout_logits(loc, zoo_path: Path, entries: list, holdout, log: Log) -> tup
         forwards += len(holdout)
         loc.write_bytes(rel, st_save({"logits": out[e.name].contiguous()}))
     if forwards:
-        log(f"[retrain] held-out slice: {forwards} teacher forwards ({forwards // len(holdout)} teacher(s) x "
-            f"{len(holdout)} images); the others' logits read from the store")
+        ran = forwards // len(holdout)
+        rest = f"; the other {len(entries) - ran}'s logits read from the store" if ran < len(entries) else ""
+        log(f"[retrain] held-out slice: {forwards} teacher forwards ({ran} teacher(s) x {len(holdout)} images){rest}")
     return out, forwards
 
 
@@ -344,6 +360,8 @@ def retrain(job: Job, out: Path, address: str | None = None, dry_run: bool = Fal
     for line in plan.diff.lines():
         log(line)
     log(f"[retrain] plan: {plan.mode} amalgamation ({plan.reason})")
+    if plan.note:
+        log(f"[retrain] {plan.note}")
     log(f"[retrain] teachers to run: {what}; total {expected} teacher forwards")
     log(f"[retrain] train: a student of {len(space)} classes on {len(train_pool)} pool images "
         f"(stages {job.stages.epochs} epochs, joint {job.joint.epochs} epochs); {len(holdout)} images held out")
@@ -411,6 +429,7 @@ def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, hol
         code_widths=dict(result.extra["student_widths"]),
         code_teachers=[CodeTeacher(name=n, fingerprint=teacher_fingerprint(entries[n])) for n in prov["code_teachers"]],
         logits=[LogitSource(**s) for s in prov["logits"]], amalgamation=job.amalgamation.model_dump(mode="json"),
+        strategy=plan.strategy(job), note=plan.note,
     )
     write_state(reg, rec.version, state)
     covered = set(space.names) <= set(rec.classes)
@@ -423,6 +442,7 @@ def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, hol
     forwards = extraction_forwards + hold_forwards
     report = {
         "job": job.name, "mode": plan.mode, "reason": plan.reason,
+        "amalgamation": {"requested": job.amalgamation.strategy, "done": plan.strategy(job), "note": plan.note},
         "diff": {k: getattr(plan.diff, k) for k in ("unchanged", "new", "changed", "removed")},
         "champion": plan.champion.version if plan.champion else None, "version": rec.version,
         "promoted": decision.promote, "decision": decision.reason,

@@ -7,8 +7,9 @@ Two parts, both printed as markdown tables:
    copied to a scratch tree, own ``HOME``/``TMPDIR``/``AMALGAM_HOME``, no ``AWS_*``). A case
    *survives* when it meets the test's criteria: exit code 2, exactly one stderr line
    ``amalgam: error: ...`` matching the case's ``expect``, no traceback, nothing created, changed
-   or deleted outside ``{tmp}/run``, no payload marker, and every ``verify_after`` dataset still
-   verifies (nothing lost). Every case's message is printed.
+   or deleted outside ``{tmp}/run``, no payload marker, every ``verify_after`` dataset still
+   verifies (nothing lost), no ``absent_after`` path left behind and no ``secrets`` echoed.
+   Every case's message is printed.
 2. The other fault classes (worker loss, storage faults, concurrency, driver loss, security),
    run as their pytest node ids in one ``python -m pytest -q -p no:cacheprovider --junitxml=...``
    subprocess; the JUnit XML is parsed and each class gets cases tried / survived (passed) /
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.robustness.test_bad_inputs import (  # noqa: E402  (needs ROOT on sys.path)
-    CASES, ERROR_PREFIX, HARMLESS, WORKERS, Outcome, _run_case, _spec,
+    CASES, ERROR_PREFIX, HARMLESS, WORKERS, Outcome, _run_case, _spec, extra_problems,
 )
 
 # Fault class -> pytest node ids (a file means every test in it).
@@ -89,6 +90,7 @@ def judge(name: str, out: Outcome) -> tuple[bool, str, list[str]]:
         problems.append("files outside the run dir created, changed or deleted")
     if (out.tmp / "PWNED").exists() or (out.tmp / "cwd" / "PWNED").exists():
         problems.append("a payload ran")
+    problems += extra_problems(name, out)  # absent_after (no run dir left behind), secrets never echoed
     if spec.get("verify_after"):
         from amalgam.store.dataset import Dataset
         from amalgam.store.location import open_store

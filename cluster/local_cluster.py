@@ -184,6 +184,11 @@ def _stop_nodes(state: dict, grace: float = 20.0) -> None:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            # SIGKILL is delivered at once but the processes leave the group only once reaped:
+            # wait, so that `down` returning means the node's processes are gone.
+            deadline = time.monotonic() + 10
+            while _alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
 
 def down(args: argparse.Namespace) -> None:

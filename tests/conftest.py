@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("AMALGAM_RAY_DASHBOARD", "0")  # ~1.5 s per embedded Ray start; tests that want it set 1
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -237,3 +237,102 @@ def test_every_metric_is_named_amalgam_and_settings_come_from_the_environment():
             M.serve(taken.port, metrics=M.AmalgamMetrics())
         finally:
             taken.close()
+
+
+@pytest.mark.slow
+def test_a_real_local_run_is_scraped_during_its_stages(tmp_path, data_root):
+    """`amalgam run --local` with AMALGAM_METRICS_PORT: stage losses appear epoch by epoch while the
+    stages phase runs (not only once the run returns), and the teachers' forwards are counted."""
+    import json
+
+    import yaml
+
+    from tests.conftest import make_tiny_zoo
+
+    zoo = make_tiny_zoo(tmp_path / "zoo", [("a", ["mnist/0", "mnist/1", "mnist/2"], [4, 8]),
+                                           ("b", ["mnist/3", "mnist/4"], [6, 8])])
+    pool, epochs = 1500, 3
+    job = tmp_path / "live.yaml"
+    job.write_text(yaml.safe_dump({
+        "version": 1, "name": "live", "zoo": str(zoo),
+        "pool": {"sources": [{"dataset": "mnist", "count": pool}]},
+        "stages": {"epochs": epochs, "batch_size": 128}, "joint": {"epochs": 1},
+        "baselines": {"kd": False, "supervised": False}, "batch_size": 256,
+        "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": 100}]}, "latency": False},
+    }, sort_keys=False))
+    port = _free_port()
+    env = {**os.environ, "AMALGAM_METRICS_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "amalgam.cli", "run", str(job), "--local", "--threads", "1",
+                             "--out", str(tmp_path / "run")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/metrics"
+    snapshots = []  # (phase, {stage: epochs}, {stage: loss}) of every scrape while the run goes on
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                got = scrape(url)
+            except OSError:  # not serving yet, or already closed
+                time.sleep(0.05)
+                continue
+            phase = next((dict(ls)["amalgam_job_phase"] for (n, ls), v in got.items()
+                          if n == "amalgam_job_phase" and v == 1), None)
+            snapshots.append((phase, {dict(ls)["stage"]: v for (n, ls), v in got.items()
+                                      if n == "amalgam_stage_epochs_total"},
+                              {dict(ls)["stage"]: v for (n, ls), v in got.items() if n == "amalgam_stage_loss"},
+                              {dict(ls)["teacher"]: v for (n, ls), v in got.items()
+                               if n == "amalgam_teacher_forwards_total"}))
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, out[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    curves = report["extra"]["stage_curves"]
+
+    during = [(epochs_, losses) for phase, epochs_, losses, _ in snapshots if phase == "stages"]
+    assert during, f"no scrape during the stages phase ({len(snapshots)} scrapes)"
+    # Mid-phase: a stage's loss series after some epochs, before the phase ended.
+    live = [(e, lo) for e, lo in during if 1 <= e.get("conv2", 0) < epochs]
+    assert live, [e for e, _ in during]
+    e, lo = live[0]
+    assert lo["conv2"] == pytest.approx(curves["conv2"][int(e["conv2"]) - 1])
+    assert "joint" not in e  # the joint stage has not started
+
+    # --local: the teachers run in this driver; their forward passes (batches) are counted as they go.
+    stats_pass, per_epoch = -(-pool // 256), -(-pool // 128)
+    counted = [(int(e["conv2"]), f) for ph, e, _, f in snapshots if ph == "stages" and "conv2" in e]
+    for k, f in counted:  # synced as each epoch ends: a scrape may fall between the sync and conv2's update
+        assert f["a"] == f["b"] and stats_pass + k * per_epoch <= f["a"] <= stats_pass + (k + 1) * per_epoch, (k, f)
+    after = [s for s in snapshots if s[0] in ("joint", "evaluate", "succeeded")]
+    assert after, [s[0] for s in snapshots]
+    _, final_epochs, final_losses, forwards = after[-1]
+    for stage, curve in curves.items():
+        assert final_epochs[stage] == len(curve) == epochs and final_losses[stage] == pytest.approx(curve[-1])
+    batches = stats_pass + epochs * per_epoch  # statistics pass, then every stage epoch; none after
+    assert forwards == {"a": batches, "b": batches} and report["extra"]["teacher_forwards"] == 2 * (1 + epochs) * pool
+    print(f"{len(snapshots)} scrapes, {len(during)} in the stages phase, {len(live)} mid-phase with a conv2 loss")
+
+
+def test_ray_train_reports_become_epoch_ends_once_each():
+    """What the driver makes of Ray Train's reports (amalgam.distributed.progress), without Ray:
+    stage reports per rank, the joint stage's rank 0, an epoch replayed after a restart passed on
+    once, and what did not arrive live caught up from the final curves."""
+    from amalgam.distributed.progress import EpochProgress, report_items
+
+    stages = [{"epoch": 1, "resumed_after_epoch": 0, "loss/conv2": 0.5, "loss/head": 2.0}, {"epoch": 1, "loss/fc1": 0.25}]
+    assert report_items("stages", stages) == [("conv2", 0, 0.5), ("head", 0, 2.0), ("fc1", 0, 0.25)]
+    assert report_items("stages", [{"epoch": 1, "resumed_after_epoch": 0}]) == []  # a closed-form-only rank
+    assert report_items("joint", [{"epoch": 2, "loss": 0.125}, {"epoch": 2, "loss": 9.0}]) == [("joint", 1, 0.125)]
+
+    seen: list[tuple[str, int, float]] = []
+    p = EpochProgress("stages", lambda *a: seen.append(a))
+    for item in [("conv2", 0, 0.5), ("conv2", 1, 0.4), ("conv2", 1, 0.45), ("head", 0, 2.0)]:  # epoch 1 replayed
+        p._emit(*item)
+    p.catch_up({"conv2": [0.5, 0.4, 0.3], "head": [2.0, 1.5]})
+    assert seen == [("conv2", 0, 0.5), ("conv2", 1, 0.4), ("head", 0, 2.0), ("conv2", 2, 0.3), ("head", 1, 1.5)]
+    with EpochProgress("joint", None) as quiet:  # no epoch_end: no actor, no thread, nothing to do
+        assert quiet.callbacks == []
+    quiet.catch_up({"joint": [1.0]})

@@ -4,7 +4,8 @@ The cluster is a `ray start --head` plus one worker on loopback, with token auth
 and its own token file, ports and temp dir, so it neither sees nor disturbs an embedded Ray
 of another test. `cluster/down.sh` stops exactly its processes (not `ray stop`, which would
 stop every Ray on the machine). The jobs are small on purpose: `amalgam validate` on the
-cluster, and an `amalgam run --local` whose zoo does not exist there.
+cluster, a whole tiny `amalgam run` on the cluster's Ray (200 images, one epoch per stage), and
+an `amalgam run --local` whose zoo does not exist there.
 """
 
 from __future__ import annotations
@@ -105,6 +106,56 @@ def test_submit_then_follow_logs_to_success(cluster):
     assert status.returncode == 0 and status.stdout.strip() == f"{job_id}: SUCCEEDED"
     for out in (sub, logs, status):
         assert token not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_submit_a_real_run_follows_its_logs_to_success_and_writes_its_report(cluster):
+    """A whole `amalgam run` on the cluster's Ray: extraction actors, Ray Train stages, DDP joint stage.
+
+    The driver runs on this machine, so the run directory and the store (absolute paths under
+    the test's temp dir, as a shared volume would be on a real cluster) are readable here.
+    """
+    address, token, env, tmp = cluster
+    zoo = make_tiny_zoo(tmp / "run-zoo", [("a", ["mnist/0", "mnist/1", "mnist/2"], [4, 8]),
+                                          ("b", ["mnist/3", "mnist/4"], [6, 8])])
+    job = tmp / "real.yaml"
+    job.write_text(yaml.safe_dump({
+        **TINY_JOB, "name": "tiny-real", "zoo": str(zoo),
+        "pool": {"sources": [{"dataset": "mnist", "count": 200}]},
+        "stages": {"epochs": 1, "workers": 1},
+        "joint": {"epochs": 1, "workers": 1},
+        "baselines": {"kd": False, "supervised": False},
+        "store": {"uri": str(tmp / "store")},
+        "extraction": {"actors": 1, "shard_size": 128},
+    }, sort_keys=False))
+    out = tmp / "runs" / "real"
+
+    t0 = time.monotonic()
+    sub = amalgam(env, "submit", str(job), "--out", str(out), "--address", address)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip()
+    assert JOB_ID.match(job_id), sub.stdout
+    logs = amalgam(env, "job", "logs", job_id, "--follow", "--address", address, timeout=300)
+    assert logs.returncode == 0, logs.stdout[-3000:] + logs.stderr
+    assert f"job {job_id}: SUCCEEDED" in logs.stderr
+    assert f"Running entrypoint for job {job_id}: python -m amalgam.cli run real.yaml --out {out}" in logs.stdout
+    assert "[stages] Ray Train: 1 workers" in logs.stdout and "[joint] Ray Train DDP: 1 workers" in logs.stdout
+    assert "[run] done in" in logs.stdout and f"run directory {out}" in logs.stdout
+    print(f"real run on the cluster: submit to SUCCEEDED in {time.monotonic() - t0:.0f}s")
+
+    report = json.loads((out / "report.json").read_text())  # where the job wrote it
+    assert report["extra"]["feature_source"] == "store (Ray extraction)"
+    assert report["extra"]["pool_size"] == 200 and report["extra"]["test_size"] == 50
+    assert report["extra"]["teacher_forwards"] == 2 * 200 * 2  # statistics + codes passes, two teachers
+    assert any((tmp / "store").rglob("*.parquet"))  # the store the job named, filled on the cluster
+    main = next(m for m in report["methods"] if m["name"] == report["main"])
+    assert 0.0 <= main["metrics"]["comprehensive"] <= 1.0
+    for name in ("report.md", "student.safetensors", "student.json", "job.yaml"):
+        assert (out / name).is_file(), name
+    status = amalgam(env, "job", "status", job_id, "--address", address)
+    assert status.returncode == 0 and status.stdout.strip() == f"{job_id}: SUCCEEDED"
+    for r in (sub, logs, status):
+        assert token not in r.stdout + r.stderr
 
 
 @pytest.mark.slow

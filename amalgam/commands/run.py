@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -56,13 +57,57 @@ def _run(args: argparse.Namespace) -> None:
             from amalgam.distributed.extract import ensure_ray
 
             ensure_ray(args.address)  # before the pool is built, so Ray Data reads the image files
+    live = _LiveMetrics(teachers_in_process=args.local)
     with metrics.batch_job(settings.pushgateway, job.name):
-        result = run_local(job, out, source_factory=factory, phase=metrics.phase)
+        result = run_local(job, out, source_factory=factory, phase=live.phase, epoch_end=live.epoch_end)
+        live.sync_teacher_forwards()
         _record(result)
 
 
+class _LiveMetrics:
+    """What moves while a run goes on: the phase, each stage's loss and epochs as each epoch ends
+    (``run_local``'s ``epoch_end``, in this process or relayed from Ray Train workers by
+    :mod:`amalgam.distributed.progress`) and, with ``--local``, the teachers' forward passes
+    (the engine's process-wide counters, synced at every epoch and phase end; on the store
+    path the extraction counts them per shard instead)."""
+
+    def __init__(self, teachers_in_process: bool) -> None:
+        from amalgam.engine import counters
+
+        self.teachers_in_process = teachers_in_process
+        self._seen = counters.teacher_batches()
+
+    def sync_teacher_forwards(self) -> None:
+        from amalgam import metrics
+        from amalgam.engine import counters
+
+        if not self.teachers_in_process:
+            return
+        now = counters.teacher_batches()
+        for teacher, n in now.items():
+            if n > self._seen.get(teacher, 0):
+                metrics.teacher_forward(teacher, n - self._seen.get(teacher, 0))
+        self._seen = now
+
+    def epoch_end(self, stage: str, epoch: int, loss: float) -> None:  # noqa: ARG002 (epoch: the counter counts)
+        from amalgam import metrics
+
+        self.sync_teacher_forwards()
+        metrics.stage_epoch(stage, loss)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        from amalgam import metrics
+
+        with metrics.phase(name):
+            try:
+                yield
+            finally:
+                self.sync_teacher_forwards()
+
+
 def _record(result) -> None:
-    """Final figures of a run into the amalgam_* metrics."""
+    """Final figures of a run into the amalgam_* metrics (stage losses went in live, epoch by epoch)."""
     from amalgam import metrics
 
     names = {"multi-teacher KD (scratch)": "kd", "supervised (labels)": "supervised"}
@@ -70,11 +115,6 @@ def _record(result) -> None:
         model = "student" if r is result.results[-1] else names.get(r.name)
         if model and r.metrics is not None:
             metrics.student_accuracy(r.metrics.comprehensive, model=model)
-    for stage, curve in result.extra.get("stage_curves", {}).items():
-        for loss in curve:
-            metrics.stage_epoch(stage, loss)
-    for loss in result.extra.get("joint_curve", []):
-        metrics.stage_epoch("joint", loss)
 
 
 def _extract(args: argparse.Namespace) -> None:

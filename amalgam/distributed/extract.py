@@ -323,6 +323,13 @@ def _check_worker_s3_env(uri: str) -> None:
                            "environment; set them before Ray starts, or in the cluster's Secret)")
 
 
+def dashboard_wanted() -> bool:
+    """Whether the embedded Ray starts its dashboard (on 127.0.0.1): yes unless
+    ``AMALGAM_RAY_DASHBOARD`` is ``0``/``false``/``no``/``off``. It costs about 1.5 s of start-up
+    (2.5 s -> 4 s here); the test suite turns it off (tests/conftest.py)."""
+    return os.environ.get("AMALGAM_RAY_DASHBOARD", "").strip().lower() not in ("0", "false", "no", "off")
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``) or start an embedded local Ray, once per process.
 
@@ -333,7 +340,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     127.0.0.1) once, when ``ray`` is first imported, so it is set before the import, and
     corrected if something imported ``ray`` earlier without it (otherwise every Ray
     process would listen on the machine's public address). ``num_cpus`` caps the
-    embedded instance (tests).
+    embedded instance (tests). The embedded instance runs the Ray dashboard on 127.0.0.1
+    (see :func:`dashboard_wanted`) and its URL is printed; so is a cluster's, when connecting.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -346,9 +354,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
         ray_constants.ENABLE_RAY_CLUSTER = False
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True)
+        if ctx.dashboard_url:
+            print(f"[ray] connected to {address}; dashboard http://{ctx.dashboard_url}", flush=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        dashboard = dashboard_wanted()
+        ctx = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       log_to_driver=True)
+        if dashboard and ctx.dashboard_url:
+            print(f"[ray] dashboard http://{ctx.dashboard_url} (embedded Ray, loopback only; "
+                  "AMALGAM_RAY_DASHBOARD=0 turns it off)", flush=True)
     import logging
 
     import ray.data

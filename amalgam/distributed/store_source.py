@@ -25,6 +25,7 @@ from amalgam.store.dataset import Dataset, column_to_numpy
 from amalgam.store.fingerprint import zoo_fingerprint
 from amalgam.zoo.arch import config_to_dict
 from amalgam.zoo.manifest import Normalize, Teacher
+from amalgam.distributed.runs import TrainStorage, train_storage, worker_gpus
 from amalgam.distributed.extract import (
     STATS_SIDE,
     PassSpec,
@@ -131,8 +132,15 @@ class StoreSource:
                                    student_norm, batch_size, seed)
 
 
-    def fit_stages(self, specs, nets, target_var, head_targets, student_config, input_spec, widths, steps, run_dir):
-        """All stages in parallel on Ray Train; loads the trained layers into ``nets``."""
+    def train_storage(self, run_dir) -> TrainStorage:
+        """Ray Train's checkpoints: under the store when it is on S3, else in the run directory."""
+        return train_storage(self.job.store_uri(), self.job.store.s3.model_dump(), run_dir)
+
+    def fit_stages(self, specs, nets, target_var, head_targets, student_config, input_spec, widths, steps, run_dir,
+                   epoch_end=None):
+        """All stages in parallel on Ray Train; loads the trained layers into ``nets``.
+        ``epoch_end(stage, epoch, loss)`` is called in this process as the workers' epochs end."""
+        from amalgam.distributed.progress import EpochProgress
         from amalgam.distributed.train_stages import StageJob, assign_stages, fit_stages_on_ray, stage_costs
 
         st = self.job.stages
@@ -154,14 +162,19 @@ class StoreSource:
             lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
             assignment=assign_stages(costs, workers), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
         )
-        states, curves = fit_stages_on_ray(job, run_dir, workers, st.cpus_per_worker, st.max_failures, self.log)
+        with EpochProgress("stages", epoch_end) as progress:
+            states, curves = fit_stages_on_ray(job, self.train_storage(run_dir), workers, st.cpus_per_worker,
+                                               st.max_failures, self.log, worker_gpus(st.gpus_per_worker, workers),
+                                               callbacks=progress.callbacks)
+        progress.catch_up(curves)
         for name, state in states.items():
             nets[name].load_state_dict(state)
         return curves
 
 
-    def train_joint(self, student, targets: torch.Tensor, run_dir) -> list[float]:
+    def train_joint(self, student, targets: torch.Tensor, run_dir, epoch_end=None) -> list[float]:
         """The joint stage with DDP on Ray Train; images from the store via Ray Data."""
+        from amalgam.distributed.progress import EpochProgress
         from amalgam.distributed.train_joint import JointJob, train_joint_on_ray
 
         jc = self.job.joint
@@ -174,8 +187,12 @@ class StoreSource:
         # Materialised before training: on a small cluster the DDP workers hold every CPU, and
         # streaming reads would wait for a CPU forever. Images are ~1 KB a row.
         dataset = self.codes.ray_dataset(columns=["index", "image"]).materialize()
-        state, curve = train_joint_on_ray(job, dataset, run_dir, jc.workers, jc.cpus_per_worker,
-                                          self.job.stages.max_failures, self.log)
+        with EpochProgress("joint", epoch_end) as progress:
+            state, curve = train_joint_on_ray(job, dataset, self.train_storage(run_dir), jc.workers,
+                                              jc.cpus_per_worker, self.job.stages.max_failures, self.log,
+                                              worker_gpus(jc.gpus_per_worker, jc.workers),
+                                              callbacks=progress.callbacks)
+        progress.catch_up({"joint": curve})
         student.load_state_dict(state)
         student.eval()
         return curve

@@ -18,7 +18,7 @@ import torch
 
 from amalgam.engine.joint import distill_loss, set_train_mode
 from amalgam.student_io import DeployedStudent
-from amalgam.distributed.runs import fit_trainer, inject_fault
+from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault
 from amalgam.zoo.arch import build_net, config_from_dict
 from amalgam.zoo.manifest import InputSpec
 
@@ -40,6 +40,11 @@ class JointJob:
     fail_at: dict | None = None  # fault injection for tests: {"rank", "epoch", "marker"}
 
 
+def worker_batch(batch_size: int, world: int) -> int:
+    """Each DDP rank's share of the global batch (at least 1)."""
+    return max(1, math.ceil(batch_size / world))
+
+
 def joint_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -51,15 +56,24 @@ def joint_worker(config: dict) -> None:
     torch.manual_seed(job.seed)
     model = DeployedStudent(build_net(config_from_dict(job.student_config)), InputSpec(**job.input_spec))
     model.load_state_dict(job.initial)
+    # On the worker's device (a GPU when the run asked for one) before the optimiser exists, so
+    # a restored optimiser state lands there too; on the CPU these moves are no-ops.
+    device = ray.train.torch.get_device()
+    model.to(device)
+    targets = job.targets.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=1e-4)
-    steps = job.epochs * math.ceil(job.num_rows / world / job.batch_size)
+    # joint.batch_size is the global batch, as in the local path: each of the ``world`` ranks
+    # takes its share and DDP averages their gradients, so the run makes the same number of
+    # optimiser steps with the same schedule as one process would.
+    rank_batch = worker_batch(job.batch_size, world)
+    steps = job.epochs * math.ceil(job.num_rows / world / rank_batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=job.lr, total_steps=max(1, steps), pct_start=0.15)
     start = 0
     curve: list[float] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "joint.pt", weights_only=True)
+            state = torch.load(Path(d) / "joint.pt", weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -72,11 +86,11 @@ def joint_worker(config: dict) -> None:
         set_train_mode(ddp, freeze_batchnorm=True)  # the assembled student: keep the folded BN statistics
         total, n = 0.0, 0
         for step, batch in enumerate(shard.iter_torch_batches(
-                batch_size=job.batch_size, local_shuffle_buffer_size=2048, local_shuffle_seed=job.seed * 1000 + epoch,
-                device="cpu")):
+                batch_size=rank_batch, local_shuffle_buffer_size=2048, local_shuffle_seed=job.seed * 1000 + epoch,
+                device=device)):
             inject_fault(job.fail_at, rank, epoch, step, "joint")
             x = batch["image"].float().div_(255.0)
-            target = job.targets[batch["index"].long()]
+            target = targets[batch["index"].long()]
             loss = distill_loss(ddp(x), target, job.loss, job.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -98,12 +112,14 @@ def joint_worker(config: dict) -> None:
             ray.train.report({"epoch": epoch + 1, "loss": mean}, checkpoint=checkpoint)
 
 
-def train_joint_on_ray(job: JointJob, dataset, run_dir: Path, workers: int, cpus_per_worker: float,
-                       max_failures: int, log=print) -> tuple[dict, list[float]]:
+def train_joint_on_ray(job: JointJob, dataset, storage: TrainStorage, workers: int, cpus_per_worker: float,
+                       max_failures: int, log=print, gpus_per_worker: float = 0.0,
+                       callbacks: list | None = None) -> tuple[dict, list[float]]:
     """Train; return the final student state and the per-epoch loss of rank 0."""
-    log(f"[joint] Ray Train DDP: {workers} workers")
-    result = fit_trainer(joint_worker, job, "joint", run_dir, workers, cpus_per_worker, max_failures,
-                         datasets={"train": dataset})
+    gpus = f", {gpus_per_worker:g} GPU each" if gpus_per_worker else ""
+    log(f"[joint] Ray Train DDP: {workers} workers{gpus}; checkpoints under {storage.uri}")
+    result = fit_trainer(joint_worker, job, "joint", storage, workers, cpus_per_worker, max_failures,
+                         datasets={"train": dataset}, gpus_per_worker=gpus_per_worker, ddp=True, callbacks=callbacks)
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "joint.pt", weights_only=True)
+        state = torch.load(Path(d) / "joint.pt", weights_only=True, map_location="cpu")
     return state["model"], [float(v) for v in state["curve"]]

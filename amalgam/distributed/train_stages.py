@@ -36,7 +36,7 @@ from amalgam.engine.stages import (
     stage_input,
 )
 from amalgam.engine.student import build_student
-from amalgam.distributed.runs import fit_trainer, inject_fault
+from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault
 from amalgam.zoo.arch import config_from_dict
 from amalgam.zoo.manifest import InputSpec, Normalize
 
@@ -96,6 +96,7 @@ def _ckpt_file(rank: int) -> str:
 def stage_worker(config: dict) -> None:
     """Ray Train loop: fit this rank's stages, checkpointing and reporting every epoch."""
     import ray.train
+    import ray.train.torch
 
     from amalgam.distributed.store_source import store_epoch_batches
     from amalgam.store.dataset import Dataset
@@ -112,6 +113,12 @@ def stage_worker(config: dict) -> None:
         nets[name].load_state_dict(state)
     specs = [s for s in job.specs if s.name in mine]
     first = closed_form_stage(specs, nets, job.closed_form_first)
+    # SGD stages on this worker's device (a GPU when the run asked for one); the closed-form
+    # stage stays on the CPU: its float64 normal equations are accumulated there.
+    device = ray.train.torch.get_device()
+    for s in specs:
+        if s is not first:
+            nets[s.name].to(device)
     fitters = {
         s.name: StageFitter(s, nets[s.name], job.target_var[s.target_tap], job.lr, job.epochs * job.steps_per_epoch)
         for s in specs if s is not first
@@ -120,7 +127,7 @@ def stage_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / _ckpt_file(rank), weights_only=True)
+            state = torch.load(Path(d) / _ckpt_file(rank), weights_only=True, map_location="cpu")
         for name, st in state["fitters"].items():
             fitters[name].load_state_dict(st)
         if first is not None and "first" in state:
@@ -142,8 +149,9 @@ def stage_worker(config: dict) -> None:
             inject_fault(job.fail_at, rank, epoch, step, "stages")
             if first is not None and epoch == 0:
                 stage1_update(lstsq, nets[first.name], batch["image"], batch["codes"][first.target_tap])
+            on_device = _to_device(batch, device) if fitters else batch
             for f in fitters.values():
-                f.step(stage_input(batch, f.spec), batch["codes"][f.spec.target_tap])
+                f.step(stage_input(on_device, f.spec), on_device["codes"][f.spec.target_tap])
         if first is not None and epoch == 0:
             stage1_apply(lstsq, nets[first.name])
         losses = {name: f.end_epoch() for name, f in fitters.items()}
@@ -160,11 +168,21 @@ def stage_worker(config: dict) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def fit_stages_on_ray(job: StageJob, run_dir: Path, workers: int, cpus_per_worker: float, max_failures: int,
-                      log=print) -> tuple[dict[str, dict], dict[str, list[float]]]:
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The batch on ``device``; on the CPU the very same tensors (``Tensor.to`` is then a no-op)."""
+    image = batch["image"]
+    return {"image": image.to(device) if image is not None else None,
+            "codes": {t: c.to(device) for t, c in batch["codes"].items()}}
+
+
+def fit_stages_on_ray(job: StageJob, storage: TrainStorage, workers: int, cpus_per_worker: float, max_failures: int,
+                      log=print, gpus_per_worker: float = 0.0,
+                      callbacks: list | None = None) -> tuple[dict[str, dict], dict[str, list[float]]]:
     """Run the stage trainer; return each stage's trained net state and loss curve."""
-    log(f"[stages] Ray Train: {workers} workers, assignment {job.assignment}")
-    result = fit_trainer(stage_worker, job, "stages", run_dir, workers, cpus_per_worker, max_failures)
+    gpus = f", {gpus_per_worker:g} GPU each" if gpus_per_worker else ""
+    log(f"[stages] Ray Train: {workers} workers{gpus}, assignment {job.assignment}; checkpoints under {storage.uri}")
+    result = fit_trainer(stage_worker, job, "stages", storage, workers, cpus_per_worker, max_failures,
+                         gpus_per_worker=gpus_per_worker, callbacks=callbacks)
     resumed = int(result.metrics.get("resumed_after_epoch", 0))
     if resumed:
         log(f"[stages] a worker was lost; the group restarted and restored from the checkpoint after epoch {resumed}")
@@ -175,7 +193,7 @@ def fit_stages_on_ray(job: StageJob, run_dir: Path, workers: int, cpus_per_worke
             f = Path(d) / _ckpt_file(rank)
             if not f.exists():
                 continue
-            state = torch.load(f, weights_only=True)
+            state = torch.load(f, weights_only=True, map_location="cpu")
             for name, st in state["fitters"].items():
                 states[name] = st["net"]
                 curves[name] = st["curve"]

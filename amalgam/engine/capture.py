@@ -90,6 +90,7 @@ def capture_teachers(teachers: list, x: torch.Tensor) -> tuple[list[torch.Tensor
     counters.add(counters.TEACHER_FORWARDS, x.shape[0] * len(teachers))
     all_logits, all_feats = [], []
     for t in teachers:
+        counters.teacher_batch(t.name)
         infos = t.taps()
         paths = [f"net.{i.path}" for i in infos]
         with frozen(t), TapCapture(t, paths, owner=f"teacher {t.name}") as cap:

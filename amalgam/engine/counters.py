@@ -11,12 +11,23 @@ from collections import Counter
 
 TEACHER_FORWARDS = "teacher_forwards"  # samples x teachers pushed through capture_teachers
 AUTOENCODER_FITS = "autoencoder_fits"  # PCA eigendecompositions, IFA fits, SGD auto-encoders built
+_TEACHER_BATCH = "teacher_batch:"  # + teacher name: forward passes (batches) of that teacher
 
 _counts: Counter[str] = Counter()
 
 
 def add(name: str, n: int = 1) -> None:
     _counts[name] += n
+
+
+def teacher_batch(teacher: str) -> None:
+    _counts[_TEACHER_BATCH + teacher] += 1
+
+
+def teacher_batches() -> dict[str, int]:
+    """Forward passes (batches) per teacher name in this process so far; a driver turns the
+    growth into its ``amalgam_teacher_forwards_total{teacher}`` (the engine knows no metrics)."""
+    return {k[len(_TEACHER_BATCH):]: v for k, v in list(_counts.items()) if k.startswith(_TEACHER_BATCH)}
 
 
 def snapshot() -> dict[str, int]:

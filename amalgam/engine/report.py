@@ -16,14 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: reports are written on servers and in workers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from amalgam.classes import ClassSpace
+from amalgam.engine.evaluate import Metrics
 
-from amalgam.classes import ClassSpace  # noqa: E402
-from amalgam.engine.evaluate import Metrics  # noqa: E402
+
+def _pyplot():
+    """matplotlib, imported when a plot is drawn: importing it writes a font cache under
+    ``$HOME``, which a run refused before it produced anything must not do."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: reports are written on servers and in workers
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 @dataclass
@@ -84,12 +91,12 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _save_figure(fig: plt.Figure, path: Path) -> None:
+def _save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     finally:
-        plt.close(fig)  # pyplot keeps figures alive until closed
+        _pyplot().close(fig)  # pyplot keeps figures alive until closed
     _atomic_write(path, buf.getvalue())
 
 
@@ -172,7 +179,7 @@ def _markdown(title: str, space: ClassSpace, results: list[MethodResult], extra:
 
 def _plot_stage_losses(curves: dict[str, list[float]], path: Path) -> None:
     """Each curve divided by its first epoch, so stages of very different scale share one axis."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for stage, losses in curves.items():
         y = np.asarray(losses, dtype=float)
         first = y[0] if y.size and math.isfinite(y[0]) and y[0] > 0 else 1.0
@@ -189,7 +196,7 @@ def _plot_stage_losses(curves: dict[str, list[float]], path: Path) -> None:
 def _plot_accuracy(space: ClassSpace, results: list[MethodResult], path: Path) -> None:
     scored = [r for r in results if r.metrics is not None]
     series = [*space.teachers, "comprehensive", *(["shared", "unshared"] if space.overlapping else [])]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(scored) * len(series) / 3 + 2), 4.5))
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 1.2 * len(scored) * len(series) / 3 + 2), 4.5))
     width = 0.8 / len(series)
     x = np.arange(len(scored))
     for j, s in enumerate(series):
@@ -215,7 +222,7 @@ def _plot_confusion(space: ClassSpace, result: MethodResult, path: Path) -> None
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
     c = len(space)
     side = max(5.0, 0.42 * c + 2.5)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = _pyplot().subplots(figsize=(side, side))
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
     ax.set_xticks(range(c), space.names, rotation=90, fontsize=8)
     ax.set_yticks(range(c), space.names, fontsize=8)

@@ -244,12 +244,14 @@ def _only_task(metrics: Metrics, teacher: str) -> Metrics:
 
 
 def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, phase=None,
-              pool: Pool | None = None) -> RunResult:
+              pool: Pool | None = None, epoch_end: Callable[[str, int, float], None] | None = None) -> RunResult:
     """Run the whole method; ``source_factory(job, teachers, pool, log)`` picks where features come
     from (default: teachers in-process; the store pipeline passes its own). ``phase(name)``, a
     context manager factory, brackets each step (the CLI passes the Prometheus phase tracker;
     the engine itself knows nothing of metrics). ``pool`` replaces the job's pool (``amalgam
     retrain`` passes the pool less a held-out slice it scores the student on).
+    ``epoch_end(stage, epoch, loss)`` is called as each epoch of a layer-wise stage or of the
+    joint stage (``"joint"``) ends, wherever it runs (the CLI updates its live metrics with it).
 
     A source may name the blocks of its statistics (``block_names``; default: the teachers),
     when its codecs read something else than the teachers' concatenated features (the
@@ -309,6 +311,10 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     s_cfg = student_config(ref_cfg, widths, len(space))
     s_spec = pool_input_spec(pool)
     student_norm = Normalize(s_spec.mean, s_spec.std)
+    # Seeded here, not only at the start: the teacher pass may or may not have drawn random
+    # numbers in this process (a fresh extraction does, a store rerun does not), and the
+    # student's initial weights must not depend on which happened.
+    torch.manual_seed(job.seed)
     skeleton = build_student(s_cfg)
     nets = build_stages(skeleton)
     specs = stage_specs(skeleton)
@@ -319,12 +325,13 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     steps = -(-len(pool) // job.stages.batch_size)
     with phase("stages"):
         if hasattr(source, "fit_stages"):  # the source fits stages elsewhere (Ray Train workers)
-            curves = source.fit_stages(specs, nets, target_var, targets, s_cfg, s_spec, widths, steps, run_dir)
+            curves = source.fit_stages(specs, nets, target_var, targets, s_cfg, s_spec, widths, steps, run_dir,
+                                       epoch_end=epoch_end)
         else:
             curves = fit_stages(
                 specs, nets, target_var,
                 source.epoch_batches(codecs, targets, student_norm, job.stages.batch_size, job.seed),
-                job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log,
+                job.stages.epochs, steps, job.stages.lr, job.stages.closed_form_first, log, epoch_end,
             )
     student = DeployedStudent(assemble(skeleton, nets), s_spec)
     t0 = lap("stages", t0)
@@ -335,11 +342,12 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     joint_target, gate = joint_targets(job, pool.images, tp.logits, calibrated, space, s_spec, log)
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
-            joint_curve = source.train_joint(student, joint_target, run_dir)
+            joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end)
         else:
             joint_curve = train_end_to_end(
                 student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
                 job.joint.batch_size, job.joint.temperature, job.seed, "joint", log, freeze_batchnorm=True,
+                epoch_end=(lambda e, loss: epoch_end("joint", e, loss)) if epoch_end else None,
             ) if job.joint.epochs else []
     evaluate_phase = phase("evaluate")
     evaluate_phase.__enter__()

@@ -242,6 +242,7 @@ def fit_stages(
     lr: float,
     closed_form_first: bool = True,
     log: Callable[[str], None] = print,
+    epoch_end: Callable[[str, int, float], None] | None = None,
 ) -> dict[str, list[float]]:
     """Fit every stage in ``specs`` from code batches; return each stage's loss curve.
 
@@ -249,7 +250,8 @@ def fit_stages(
     (tap name -> compact code; the head's code is the calibrated teacher logits). All
     stages consume the same batches (one teacher pass serves all of them), but each has
     its own parameters, optimiser and loss: stages never exchange anything, so a subset
-    of ``specs`` fitted anywhere gives the same result.
+    of ``specs`` fitted anywhere gives the same result. ``epoch_end(stage, epoch, loss)``, if
+    given, is called for each SGD-fitted stage as each epoch ends (a driver's live metrics).
     """
     first = closed_form_stage(specs, nets, closed_form_first)
     lstsq = LstsqStats()
@@ -268,6 +270,9 @@ def fit_stages(
         bar.close()
         means = {name: f.end_epoch() for name, f in fitters.items()}
         log(f"[stages] epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+        if epoch_end is not None:
+            for name, loss in means.items():
+                epoch_end(name, epoch, loss)
     curves = {name: f.curve for name, f in fitters.items()}
     if first is not None:
         stage1_apply(lstsq, nets[first.name])

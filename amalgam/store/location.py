@@ -238,6 +238,12 @@ class StoreLocation:
 
 
 def _s3_filesystem(uri: str, options: S3Options | None) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(**s3_filesystem_kwargs(uri, options))
+
+
+def s3_filesystem_kwargs(uri: str, options: S3Options | None) -> dict:
+    """``pyarrow.fs.S3FileSystem`` arguments for ``uri``: credentials from this process's
+    environment, endpoint and region from ``options`` (a job's ``store.s3``), else the environment."""
     env = os.environ
     key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
     if not key or not secret:
@@ -257,7 +263,7 @@ def _s3_filesystem(uri: str, options: S3Options | None) -> pafs.S3FileSystem:
         scheme, _, host = endpoint.partition("://")
         kwargs["endpoint_override"] = host or scheme
         kwargs["scheme"] = scheme if host else "https"
-    return pafs.S3FileSystem(**kwargs)
+    return kwargs
 
 
 def open_store(uri: str, s3: S3Options | None = None) -> StoreLocation:

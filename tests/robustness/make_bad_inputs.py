@@ -312,6 +312,30 @@ def zoo_duplicate_teacher_names(d: Path) -> None:
     write_zoo(d / "zoo", [a, b], "two teachers called a")
 
 
+# --------------------------------------------------------------------------- run / retrain cases
+
+
+def write_job_with(case_dir: Path, note: str, **fields) -> None:
+    """``JOB`` with ``fields`` replaced, and a comment saying what is wrong."""
+    raw = {**JOB, **fields}
+    (case_dir / "job.yaml").write_text(f"# {note}\n" + yaml.safe_dump(raw, sort_keys=False))
+
+
+@case
+def run_refused_after_parsing(d: Path) -> None:
+    a, b = teacher(d / "zoo", "a"), teacher(d / "zoo", "b")
+    save_safetensors(tiny_net(2, scale=0.2), d / "zoo" / "b.safetensors")  # retrained, manifest not updated
+    write_zoo(d / "zoo", [a, b], "teacher b's weights changed after the manifest hashed them")
+    write_job_with(d, "a valid job: `amalgam run` refuses it only once it loads the zoo (teacher b's hash)")
+
+
+@case
+def retrain_store_uri_var_expands_to_credentials(d: Path) -> None:
+    write_zoo(d / "zoo", [teacher(d / "zoo", "a"), teacher(d / "zoo", "b")], "a valid zoo")
+    write_job_with(d, "store.uri names a variable; case.yaml sets it to an s3:// URI with a key and secret in it",
+                   store={"uri": "$BAD_INPUTS_STORE_URI"})
+
+
 # --------------------------------------------------------------------------- zoo import cases
 
 

@@ -10,7 +10,11 @@ in a subprocess with its own ``HOME``, ``TMPDIR``, ``AMALGAM_HOME`` and working 
 * neither stream contains a traceback;
 * nothing in the scratch tree was created, changed or deleted, except under ``{tmp}/run``;
 * no malicious payload ran (its marker file never appears);
-* datasets listed in ``verify_after`` still verify.
+* datasets listed in ``verify_after`` still verify;
+* paths listed in ``absent_after`` do not exist (say, a run directory under ``{tmp}/run``:
+  a refused run leaves none half-created);
+* none of the ``secrets`` (credentials the case hands in, through the command, a file or
+  ``env``) appears in stdout, stderr or any file under ``{tmp}/run``.
 
 Cases run two at a time (each one is mostly the CLI importing torch) while the tests
 assert, so the corpus costs about half its serial time.
@@ -35,7 +39,7 @@ import yaml
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 CASES = sorted(d.name for d in CORPUS.iterdir() if (d / "case.yaml").is_file())
-KEYS = {"about", "command", "expect", "verify_after", "payloads", "xfail"}
+KEYS = {"about", "command", "expect", "verify_after", "payloads", "xfail", "env", "secrets", "absent_after"}
 WORKERS = max(1, min(2, os.cpu_count() or 1))
 TIMEOUT_S = 120
 ERROR_PREFIX = "amalgam: error: "
@@ -62,6 +66,12 @@ REQUIRED = {
                                             "student_weights_escape_run_dir"],
     "job output path escaping the run directory": ["job_name_escapes_run_dir", "job_fail_at_marker_escapes_run_dir"],
     "S3 URI without credentials": ["store_s3_without_credentials"],
+    # Refusals added after the issue's list, kept covered the same way.
+    "credential-named $VAR in a job path": ["job_credential_var_in_path"],
+    "credentials inside a store URI": ["job_store_uri_with_credentials", "job_s3_endpoint_with_credentials",
+                                       "store_uri_with_credentials", "retrain_store_uri_var_expands_to_credentials"],
+    "a run refused after parsing leaves no run directory": ["run_refused_after_parsing",
+                                                            "retrain_store_uri_var_expands_to_credentials"],
 }
 
 
@@ -110,13 +120,36 @@ class Outcome:
         return text.replace("{case}", f(str(self.case))).replace("{tmp}", f(str(self.tmp)))
 
 
-def _env(tmp: Path) -> dict[str, str]:
+def _env(tmp: Path, extra: dict[str, str] | None = None, case: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AMALGAM_", "XDG_"))}
     env.update(
         HOME=str(tmp / "home"), TMPDIR=str(tmp / "tmpdir"), AMALGAM_HOME=str(tmp / "amalgam-home"),
         AMALGAM_DATA=str(tmp / "no-data"), AMALGAM_TEST_PWNED=str(tmp / "PWNED"), PYTHONDONTWRITEBYTECODE="1",
     )
+    for k, v in (extra or {}).items():  # the case's own variables (a store URI, a token ...)
+        env[k] = v.replace("{case}", str(case or tmp / "case")).replace("{tmp}", str(tmp))
     return env
+
+
+def _sub(text: str, tmp: Path, case: Path) -> str:
+    return text.replace("{case}", str(case)).replace("{tmp}", str(tmp))
+
+
+def extra_problems(name: str, out: "Outcome") -> list[str]:
+    """The ``absent_after`` and ``secrets`` checks (shared with ``bench/faults.py``)."""
+    spec, problems = _spec(name), []
+    for rel in spec.get("absent_after", []):
+        path = Path(_sub(rel, out.tmp, out.case))
+        if path.exists() or path.is_symlink():
+            problems.append(f"{rel} exists (a refused command left it behind)")
+    for secret in spec.get("secrets", []):
+        where = [s for s, text in (("stdout", out.stdout), ("stderr", out.stderr)) if secret in text]
+        run = out.tmp / "run"
+        where += [str(p.relative_to(out.tmp)) for p in sorted(run.rglob("*"))
+                  if p.is_file() and secret.encode() in p.read_bytes()]
+        if where:
+            problems.append(f"secret {secret[:4]}... leaked into {', '.join(where)}")
+    return problems
 
 
 def _run_case(name: str, tmp: Path) -> Outcome:
@@ -125,11 +158,13 @@ def _run_case(name: str, tmp: Path) -> Outcome:
     copytree(CORPUS / name, case, symlinks=True)
     for d in ("home", "tmpdir", "cwd", "run"):
         (tmp / d).mkdir()
-    argv = [a.replace("{case}", str(case)).replace("{tmp}", str(tmp)) for a in _spec(name)["command"]]
+    spec = _spec(name)
+    argv = [_sub(a, tmp, case) for a in spec["command"]]
     before = _snapshot(tmp, skip=tmp / "run")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(_amalgam() + argv, cwd=tmp / "cwd", env=_env(tmp), capture_output=True, text=True,
+        proc = subprocess.run(_amalgam() + argv, cwd=tmp / "cwd", env=_env(tmp, spec.get("env"), case),
+                              capture_output=True, text=True,
                               timeout=TIMEOUT_S)
         rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
@@ -176,6 +211,8 @@ def test_bad_input(name: str, outcomes):
     changed = sorted(k for k in set(out.before) & set(out.after) if out.before[k] != out.after[k])
     assert not (created or deleted or changed), f"created {created}, deleted {deleted}, changed {changed}"
     assert not (out.tmp / "PWNED").exists() and not (out.tmp / "cwd" / "PWNED").exists(), "a payload ran"
+    problems = extra_problems(name, out)
+    assert not problems, f"{problems}\n{context}"
 
     if spec.get("verify_after"):
         from amalgam.store.dataset import Dataset
@@ -198,6 +235,16 @@ def test_corpus_is_well_formed():
         assert not spec.get("xfail") or spec["xfail"].startswith("needs fix in "), name
         for rel in spec.get("payloads", []):
             assert (CORPUS / name / rel).is_file(), (name, rel)
+        env = spec.get("env", {})
+        assert isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()), name
+        assert not any(k.startswith(("AWS_", "AMALGAM_", "XDG_")) for k in env), name  # the runner owns those
+        assert all(isinstance(s, str) and len(s) >= 8 for s in spec.get("secrets", [])), name
+        assert all(a.startswith("{tmp}/run/") for a in spec.get("absent_after", [])), name
+        # A secret must really be handed in, or "it never leaked" proves nothing.
+        handed = " ".join(spec["command"]) + " ".join(env.values()) + "".join(
+            p.read_text(errors="replace") for p in (CORPUS / name).rglob("*")
+            if p.is_file() and p.name != "case.yaml" and p.suffix != ".safetensors")
+        assert all(s in handed for s in spec.get("secrets", [])), name
 
 
 def test_issue_10_categories_are_covered():
