@@ -271,13 +271,15 @@ def test_s3_checkpoints_a_killed_stage_worker_resumes_and_ray_agrees_with_local(
     capfd.readouterr()
     local = json.loads((local_dir / "report.json").read_text())
     assert local["extra"]["feature_source"] != report["extra"]["feature_source"]
-    # Measured on this job (final comprehensive accuracy on 1000 test images, Ray / local):
-    # seed 0 0.7940 / 0.7960, seed 1 0.7790 / 0.7800, seed 2 SEED2; the local path's spread
-    # across those seeds is 1.6 points. The Ray path differs by float16 stored codes, its batch
-    # order and DDP's non-bit-reproducible reductions, never by the recipe: before the DDP ranks
-    # split joint.batch_size (each rank took a whole batch: half the optimiser steps) the gap was
-    # 6 to 8 points, with 2 joint epochs. 1.5 points: several times the measured gap, below it.
-    assert abs(_final(report) - _final(local)) <= 0.015, (_final(report), _final(local))
+    # Measured on this job (final comprehensive accuracy on 1000 test images, Ray / local, each
+    # a separate CLI process): seed 0 0.7940 / 0.7960, seed 1 0.7790 / 0.7800, seed 2 0.7910 /
+    # 0.7980, so gaps of 0.2, 0.1 and 0.7 points; the local path alone spreads 1.8 points over
+    # those seeds. The Ray path differs by its float16 stored codes, its batch order and DDP's
+    # non-bit-reproducible reductions, not by the recipe: before the DDP ranks split
+    # joint.batch_size (each rank took a whole batch, so half the optimiser steps) Ray trailed
+    # local by 8.3, 6.2 and 5.8 points (2 joint epochs). 2 points: about 3x the largest measured
+    # gap, the seed-to-seed spread, and far below that recipe error.
+    assert abs(_final(report) - _final(local)) <= 0.02, (_final(report), _final(local))
 
 
 # -- the Ray dashboard of the embedded Ray --------------------------------------------------
