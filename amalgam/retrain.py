@@ -333,7 +333,7 @@ def _expected_forwards(plan: Plan, entries: list, n_train: int, n_hold: int, hol
 
 
 def retrain(job: Job, out: Path, address: str | None = None, dry_run: bool = False, log: Log = print,
-            phase=None) -> Outcome:
+            phase=None, epoch_end=None) -> Outcome:
     from amalgam.zoo.manifest import read_manifest
 
     manifest = read_manifest(job.zoo_path())
@@ -373,10 +373,10 @@ def retrain(job: Job, out: Path, address: str | None = None, dry_run: bool = Fal
     if dry_run:
         log("[retrain] dry run: nothing extracted, trained or written")
         return outcome
-    return _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, holdout, outcome)
+    return _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, holdout, outcome, epoch_end)
 
 
-def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, holdout, outcome) -> Outcome:
+def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, holdout, outcome, epoch_end=None) -> Outcome:
     from amalgam.distributed.incremental import IncrementalSource
     from amalgam.distributed.store_source import StoreSource
     from amalgam.engine.evaluate import evaluate_logits, predict_logits
@@ -391,7 +391,7 @@ def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, hol
     else:
         def factory(j, teachers, pool, lg):
             return StoreSource(j, teachers, pool, lg, address)
-    result = run_local(job, out, log, source_factory=factory, phase=phase, pool=train_pool)
+    result = run_local(job, out, log, source_factory=factory, phase=phase, pool=train_pool, epoch_end=epoch_end)
     prov = result.extra["feature_store"]
     extraction_forwards = int(result.extra["teacher_forwards"])
     entries = {e.name: e for e in manifest.teachers}

@@ -239,8 +239,19 @@ def test_retrain_lifecycle(zoo_entries, monkeypatch, capfd):
 
     # 1. No champion yet: a full run over the zoo, registered and promoted.
     _zoo(d, entries, ["mnist-0-4", "mnist-5-9"])
+    from amalgam import metrics
+
+    epoch_losses: list[tuple[str, float]] = []
+    real_stage_epoch = metrics.stage_epoch
+    monkeypatch.setattr(metrics, "stage_epoch", lambda s, loss: (epoch_losses.append((s, loss)), real_stage_epoch(s, loss)))
     assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "v1")) == 0
     text = capfd.readouterr().out
+    # Retrain's stage and joint losses reach the live metrics epoch by epoch, as `amalgam run`'s do.
+    v1_report = json.loads((d / "runs" / "v1" / "report.json").read_text())
+    curves = {**v1_report["extra"]["stage_curves"], "joint": v1_report["extra"]["joint_curve"]}
+    for stage, curve in curves.items():
+        assert [loss for s, loss in epoch_losses if s == stage] == pytest.approx(curve), (stage, epoch_losses)
+    monkeypatch.setattr(metrics, "stage_epoch", real_stage_epoch)
     assert "plan: full amalgamation (no champion yet)" in text
     assert "dfa requested" not in text  # a full run does the DFA the job asks for
     reg = Registry.open(str(store), "tiny-retrain")

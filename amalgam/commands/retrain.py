@@ -32,11 +32,12 @@ def _retrain(args: argparse.Namespace) -> None:
     server = metrics.serve(settings.port, settings.addr) if settings.port is not None else None
     if server:
         print(f"[metrics] serving {server.url}")
-    with metrics.batch_job(settings.pushgateway, job.name):
-        outcome = retrain(job, out, args.address, phase=metrics.phase)
-        if outcome.run_dir is not None:
-            from amalgam.commands.run import _record
+    from amalgam.commands.run import _LiveMetrics, _record
 
+    live = _LiveMetrics(teachers_in_process=False)  # retrain's teachers run in extraction, counted per shard
+    with metrics.batch_job(settings.pushgateway, job.name):
+        outcome = retrain(job, out, args.address, phase=live.phase, epoch_end=live.epoch_end)
+        if outcome.run_dir is not None:
             _record(outcome.result)
 
 
