@@ -7,15 +7,22 @@ train from it. For the demo zoo and wider versions of it (same family, every lay
 x4 wide: about 4x and 16x the teacher MACs; random weights, which cost the same as trained
 ones), on the same pool and the same stage epochs, this prints:
 
-- online: one statistics pass + E epochs whose batches come from live teachers
-- cached: Ray extraction (statistics + codes into the Parquet store) + E epochs from the store
+- online: one statistics pass + E stage epochs whose batches come from live teachers, then
+  J joint epochs whose teacher logits come from live teachers (one logits forward of every
+  teacher per sample per epoch, as a KD loop that runs its teachers in the step does)
+- cached: Ray extraction (statistics + codes + logits into the Parquet store) + E stage epochs
+  from the store, then J joint epochs on the stored logits
 - per sample: teacher forward + encode vs stored-code read, and the break-even epoch count
   (extraction cost / per-epoch saving) after which the store pays.
 
-Both sides fit the same stages with the engine's ``fit_stages`` in this process (2 threads);
-the Ray cluster is started before timing (its start-up is a one-off per session, not per job).
+Both sides fit the same stages with the engine's ``fit_stages`` in this process (2 threads).
+The joint stage's student training is the same work on both sides (same student, images,
+targets and epochs), so it is timed once (``train_end_to_end``, J epochs) and added to both;
+what differs is the online side's J teacher-logit passes, each timed. E and J default to the
+demo job's (``jobs/mnist-fashion-4.yaml``). The Ray cluster is started before timing (its
+start-up is a one-off per session, not per job).
 
-    .venv/bin/python bench/pipeline.py [--pool-per-dataset 2000] [--epochs 3] [--scales 1 2 4]
+    .venv/bin/python bench/pipeline.py [--pool-per-dataset 2000] [--epochs E] [--joint-epochs J] [--scales 1 2 4]
 """
 
 from __future__ import annotations
@@ -62,11 +69,12 @@ def drain(batches, epochs: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(job, log) -> dict:
+def measure(job, log, joint_epochs: int) -> dict:
     from amalgam.data.pool import build_pool
     from amalgam.distributed.store_source import StoreSource
     from amalgam.engine.calibrate import fit_calibration
-    from amalgam.engine.evaluate import count_macs
+    from amalgam.engine.evaluate import count_macs, predict_logits
+    from amalgam.engine.joint import train_end_to_end
     from amalgam.engine.run_local import OnlineSource, pool_input_spec
     from amalgam.engine.stages import build_stages, fit_stages, stage_specs
     from amalgam.engine.student import build_student, common_topology, student_config
@@ -115,8 +123,25 @@ def measure(job, log) -> dict:
     cached_batches = drain(cached.epoch_batches(codecs_c, targets, norm, bs, job.seed), 1)
     n = len(pool)
     saving = (online_batches - cached_batches) / n  # per sample per epoch
+
+    # Joint stage: the online side runs every teacher for logits in each of J epochs; the
+    # student's training is the same work on both sides (timed once, added to both).
+    t0 = time.perf_counter()
+    for t in teachers:
+        predict_logits(t, pool.images)
+    logits_epoch = time.perf_counter() - t0
+    torch.manual_seed(0)
+    student = build_student(student_config(common_topology([t.name for t in teachers], [t.net.config for t in teachers]),
+                                           {t: c.width for t, c in codecs.items()}, len(space)))
+    t0 = time.perf_counter()
+    train_end_to_end(student, pool.images, targets, "kd", joint_epochs, job.joint.lr, job.joint.batch_size,
+                     job.joint.temperature, job.seed, log=lambda _m: None)
+    joint_train = time.perf_counter() - t0
+    online_joint = joint_epochs * logits_epoch + joint_train
     return {
-        "teacher_macs": teacher_macs, "online": online_prep + online_train, "cached": extract + cached_train,
+        "teacher_macs": teacher_macs, "online": online_prep + online_train + online_joint,
+        "cached": extract + cached_train + joint_train, "joint_train": joint_train,
+        "logits_epoch": logits_epoch, "stages_online": online_prep + online_train, "stages_cached": extract + cached_train,
         "extract": extract, "online_prep": online_prep, "teacher_us": 1e6 * online_batches / n,
         "read_us": 1e6 * cached_batches / n,
         "break_even_epochs": (extract - online_prep) / (saving * n) if saving > 0 else float("inf"),
@@ -126,7 +151,8 @@ def measure(job, log) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pool-per-dataset", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, help="stage epochs (default: the demo job's)")
+    ap.add_argument("--joint-epochs", type=int, help="joint epochs (default: the demo job's)")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -138,28 +164,34 @@ def main() -> None:
     ensure_ray()
     scratch = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     base = load_job(ROOT / "jobs/mnist-fashion-4.yaml")
+    epochs = args.epochs if args.epochs is not None else base.stages.epochs
+    joint_epochs = args.joint_epochs if args.joint_epochs is not None else base.joint.epochs
     rows = []
     try:
         for scale in args.scales:
             job = base.model_copy(deep=True)
             for src in job.pool.sources:
                 src.count = args.pool_per_dataset
-            job.stages.epochs = args.epochs
+            job.stages.epochs = epochs
             job.zoo = str(scaled_zoo(base.zoo_path(), scratch / f"zoo-x{scale}", scale))
             job.store.uri = str(scratch / f"store-x{scale}")
-            r = measure(job, lambda _m: None)
+            r = measure(job, lambda _m: None, joint_epochs)
             rows.append((scale, r))
             print(f"x{scale}: online {r['online']:.1f}s, cached {r['cached']:.1f}s", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     base_macs = rows[0][1]["teacher_macs"]
-    print(f"\npool {2 * args.pool_per_dataset} images, {args.epochs} stage epochs, 4 teachers, 2 threads")
-    print("| zoo | teacher MACs (rel.) | online s | cached s (extraction) | online / cached | teacher fwd+encode us/sample "
-          "| stored read us/sample | store pays after (epochs) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\npool {2 * args.pool_per_dataset} images, {epochs} stage epochs + {joint_epochs} joint epochs, "
+          "4 teachers, 2 threads")
+    print("| zoo | teacher MACs (rel.) | online s: stages + joint | cached s: stages (extraction) + joint "
+          "| online / cached | stages only | teacher fwd+encode us/sample | stored read us/sample "
+          "| store pays after (stage epochs) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scale, r in rows:
-        print(f"| demo x{scale} wide | {r['teacher_macs'] / base_macs:.1f}x | {r['online']:.1f} | {r['cached']:.1f} "
-              f"({r['extract']:.1f}) | {r['online'] / r['cached']:.2f}x | {r['teacher_us']:.0f} | {r['read_us']:.0f} "
-              f"| {r['break_even_epochs']:.1f} |")
+        online_joint = r["online"] - r["stages_online"]
+        print(f"| demo x{scale} wide | {r['teacher_macs'] / base_macs:.1f}x | {r['online']:.1f}: {r['stages_online']:.1f} + "
+              f"{online_joint:.1f} | {r['cached']:.1f}: {r['stages_cached']:.1f} ({r['extract']:.1f}) + "
+              f"{r['joint_train']:.1f} | {r['online'] / r['cached']:.2f}x | {r['stages_online'] / r['stages_cached']:.2f}x "
+              f"| {r['teacher_us']:.0f} | {r['read_us']:.0f} | {r['break_even_epochs']:.1f} |")
 
 
 if __name__ == "__main__":
