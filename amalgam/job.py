@@ -141,6 +141,11 @@ class Joint(_Strict):
     batch_size: int = Field(128, ge=1)
     loss: Literal["kd", "mse"] = "kd"
     temperature: float = Field(2.0, gt=0)
+    feature_weight: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="weight of the compact-feature terms (student taps vs the codes through the fold, "
+                    "engine/features.py) added to the logit loss; 0 = logits only (the paper). --local only",
+    )
     fail_at: FailAt | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 
 

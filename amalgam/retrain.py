@@ -8,13 +8,24 @@ against it:
 
 * nothing new, changed or removed: "nothing to do", exit 0, no teacher is loaded;
 * no champion yet (or no ``features.json``: a student registered by hand): a full run;
-* teachers only added: **incremental** amalgamation (:mod:`amalgam.distributed.incremental`):
-  only the new teachers run, twice over the training pool (statistics, codes), and the
-  champion's stored codes and logits stand in for the old teachers. That step is IFA whatever
-  ``amalgamation.strategy`` says: with ``dfa`` it says so (:data:`DFA_NOTE`, one log line, kept
-  in ``retrain.json`` and ``features.json``);
-* a teacher removed or changed (other weights): the champion's codes mix it in, so a full run
-  over the current zoo (the reason is printed); a removed teacher's classes leave the class space.
+* otherwise **incremental** amalgamation (:mod:`amalgam.distributed.incremental`) on the
+  champion's stored codes and logits, which stand in for the old teachers: only added and
+  changed teachers run, twice over the training pool (statistics, codes).
+
+  - added: their features join the champion's code;
+  - removed: the champion's decoder reconstructs every teacher from the code, so the kept
+    teachers' features are its rows applied to the code; the removed teacher's rows (and its
+    classes) simply leave. Removal alone runs no teacher at all;
+  - changed (other weights): removed, then added again (only it runs).
+
+  ``amalgamation.strategy`` is honoured: ``ifa`` amalgamates ``[previous code | new teachers]``;
+  ``dfa`` one auto-encoder over every teacher, the old ones' Gram blocks (with each other and
+  with the new teachers) read off the statistics of ``[stored code | new features]`` through the
+  decoder (:data:`DFA_NOTE` says so once, kept in ``retrain.json`` and ``features.json``);
+* a full run over the current zoo when the stored features cannot serve (the reason is
+  printed): other pool or amalgamation settings, features gone from the store, or a
+  champion whose code has no decoder to its teachers' features (an incremental student
+  registered before decoders were kept) when a teacher must leave it.
 
 Held-out slice: a fixed fraction of the job's pool (``retrain.holdout``, drawn with the job's
 seed) is excluded from everything trained (statistics, codecs, calibration, stages, joint),
@@ -51,10 +62,12 @@ from amalgam.registry import Registry, RecordMetrics, StudentRecord, finite_or_n
 Log = Callable[[str], None]
 FEATURES_JSON = "features.json"
 STATE_VERSION = 1
-# An incremental retrain cannot do DFA (one auto-encoder over every teacher's features) without
-# the old teachers' features, which the store does not keep; it says so instead of doing IFA silently.
-DFA_NOTE = ("dfa requested; retrain amalgamates incrementally (IFA) from stored codes; "
-            "run a full `amalgam run` for DFA")
+# An incremental DFA step sees the old teachers only through the champion's code: it says so.
+DFA_NOTE = ("dfa over every teacher: the old teachers' features are reconstructed from the champion's "
+            "stored code (no old teacher runs)")
+# A champion whose code cannot be decoded to its teachers' features can only be grown by IFA.
+NO_DECODER_NOTE = ("dfa requested; the champion's code has no decoder to its teachers' features, so "
+                   "retrain amalgamates incrementally (IFA); run a full `amalgam run` for DFA")
 
 
 class _Strict(BaseModel):
@@ -86,7 +99,13 @@ class FeatureState(_Strict):
     logits: list[LogitSource]
     amalgamation: dict  # the job's amalgamation section
     strategy: Literal["dfa", "ifa"] | None = None  # how these codes were made (None: written before it was kept)
-    note: str | None = None  # e.g. DFA_NOTE: the job asked for another strategy than the one done
+    note: str | None = None  # e.g. DFA_NOTE: how the strategy was carried out
+    # Codecs in the store whose decoders map the code (cut to ``code_widths``) to the code
+    # teachers' concatenated features, and each teacher's channels per tap (``code_teachers``
+    # order): what lets a later retrain drop or change a teacher without running the others.
+    # None: not kept (a full run's are found from its datasets; an older incremental one has none).
+    decoder_key: str | None = None
+    code_blocks: dict[str, list[int]] | None = None
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -135,10 +154,21 @@ class Plan:
     epoch: int = 0  # champion log epoch read (0: none): the compare-and-swap of the promotion
     state: FeatureState | None = None
     note: str | None = None  # said once in the log and kept in retrain.json and features.json
+    step_strategy: str | None = None  # set when an incremental step cannot do what the job asks
 
     def strategy(self, job: Job) -> str:
-        """The amalgamation strategy this plan carries out (an incremental step is always IFA)."""
-        return "ifa" if self.mode == "incremental" else job.amalgamation.strategy
+        """The amalgamation strategy this plan carries out."""
+        return self.step_strategy or job.amalgamation.strategy
+
+    @property
+    def run(self) -> list[str]:
+        """The teachers an incremental step runs: added and changed ones."""
+        return [*self.diff.new, *self.diff.changed]
+
+    @property
+    def drop(self) -> list[str]:
+        """The champion's teachers an incremental step drops from its code: removed and changed ones."""
+        return [*self.diff.removed, *self.diff.changed]
 
 
 def holdout_split(n: int, fraction: float, seed: int):
@@ -167,8 +197,34 @@ def write_state(reg: Registry, version: int, state: FeatureState) -> None:
                         (json.dumps(state.model_dump(mode="json"), indent=1) + "\n").encode())
 
 
+def _without_strategy(amalgamation: dict) -> dict:
+    # The strategy says how a step amalgamates, not what the stored codes are: either can extend them.
+    return {k: v for k, v in amalgamation.items() if k != "strategy"}
+
+
+def with_decoder(loc, state: FeatureState) -> FeatureState:
+    """``state`` with ``decoder_key`` and ``code_blocks`` filled in where they can be found: a
+    full run's codecs decode to its teachers' features (found from its codes and outputs
+    datasets); an incremental state has them only if it kept them."""
+    if state.decoder_key is not None and state.code_blocks is not None:
+        return state
+    if state.kind != "full" or not state.logits:
+        return state
+    from amalgam.distributed.incremental import full_run_decoder
+
+    try:
+        key, blocks = full_run_decoder(loc, state.codes_key, state.logits[0].key)
+    except (AmalgamError, KeyError, IndexError):
+        return state
+    return state.model_copy(update={"decoder_key": key, "code_blocks": blocks})
+
+
 def _incremental_blocker(job: Job, reg: Registry, plan: Plan, entries: dict, pool_fp: str) -> str | None:
-    """Why the champion's stored features cannot be extended (None: they can)."""
+    """Why the champion's stored features cannot serve this step (None: they can).
+
+    May fill in ``plan.state``'s decoder, and fall back to an IFA step (``plan.step_strategy``,
+    ``plan.note``) when DFA is asked of a code that cannot be decoded and no teacher leaves it.
+    """
     from amalgam.store.fingerprint import teacher_fingerprint
 
     st, v = plan.state, plan.champion.version
@@ -176,16 +232,30 @@ def _incremental_blocker(job: Job, reg: Registry, plan: Plan, entries: dict, poo
         return f"champion v{v} has no {FEATURES_JSON} (registered by hand?), its features are unknown"
     if st.pool != pool_fp:
         return f"the training pool differs from champion v{v}'s (job pool or retrain.holdout changed)"
-    if st.amalgamation != job.amalgamation.model_dump(mode="json"):
+    if _without_strategy(st.amalgamation) != _without_strategy(job.amalgamation.model_dump(mode="json")):
         return f"the job's amalgamation section differs from champion v{v}'s"
     if job.amalgamation.mode != "pca":
         return "incremental amalgamation needs amalgamation.mode pca"
+    drop = set(plan.drop)
+    if not {t.name for t in st.code_teachers} - drop and not plan.run:
+        return f"no teacher of champion v{v}'s codes is left"
     for t in st.code_teachers:
+        if t.name in drop:
+            continue
         if t.name not in entries or teacher_fingerprint(entries[t.name]) != t.fingerprint:
             return f"teacher {t.name} of champion v{v}'s codes is no longer in the zoo as it was"
     for key in [st.codes_key, *(s.key for s in st.logits)]:
         if not reg.loc.exists(f"{key}/manifest.json"):
             return f"champion v{v}'s features are no longer in the store ({reg.loc.uri_of(key)})"
+    st = plan.state = with_decoder(reg.loc, st)
+    decodable = (st.decoder_key is not None and st.code_blocks is not None
+                 and reg.loc.exists(f"{st.decoder_key}/codecs.json"))
+    if not decodable:
+        if plan.drop:
+            return (f"champion v{v}'s code has no decoder to its teachers' features (an incremental student "
+                    f"registered before they were kept), so {', '.join(plan.drop)} cannot leave it")
+        if job.amalgamation.strategy == "dfa":
+            plan.step_strategy, plan.note = "ifa", NO_DECODER_NOTE
     return None
 
 
@@ -201,19 +271,18 @@ def make_plan(job: Job, reg: Registry, entries: list, pool_fp: str | None) -> Pl
         return Plan("nothing", f"the zoo has the teachers champion v{champion.version} was trained on", diff,
                     champion, epoch)
     plan = Plan("full", "", diff, champion, epoch, read_state(reg, champion.version))
-    if diff.removed or diff.changed:
-        what = [f"removed {', '.join(diff.removed)}"] if diff.removed else []
-        what += [f"changed {', '.join(diff.changed)}"] if diff.changed else []
-        plan.reason = f"{'; '.join(what)}: champion v{champion.version}'s codes mix them in"
-        return plan
     assert pool_fp is not None
     blocker = _incremental_blocker(job, reg, plan, {e.name: e for e in entries}, pool_fp)
     if blocker:
         plan.reason = blocker
         return plan
     plan.mode = "incremental"
-    plan.reason = f"only new teachers: IFA step on champion v{champion.version}'s stored codes"
-    if job.amalgamation.strategy == "dfa":
+    what = [f"{label} {', '.join(names)}" for label, names in
+            (("added", diff.new), ("removed", diff.removed), ("changed", diff.changed)) if names]
+    runs = f"only {', '.join(plan.run)} run" if plan.run else "no teacher runs"
+    plan.reason = (f"{'; '.join(what)}: {plan.strategy(job).upper()} step on champion v{champion.version}'s "
+                   f"stored codes, {runs}")
+    if plan.strategy(job) == "dfa":
         plan.note = DFA_NOTE
     return plan
 
@@ -323,11 +392,16 @@ class Outcome:
 
 
 def _expected_forwards(plan: Plan, entries: list, n_train: int, n_hold: int, hold_missing: list[str]) -> tuple[int, str]:
-    run = plan.diff.new if plan.mode == "incremental" else [e.name for e in entries]
+    run = plan.run if plan.mode == "incremental" else [e.name for e in entries]
     extraction = len(run) * n_train * 2
     total = extraction + len(hold_missing) * n_hold
-    what = (f"{', '.join(run)} on {n_train} training images x 2 passes (statistics, codes) = {extraction}"
-            + (" at most (datasets already in the store are reused)" if plan.mode == "full" else ""))
+    if run:
+        what = (f"{', '.join(run)} on {n_train} training images x 2 passes (statistics, codes) = {extraction}"
+                + (" at most (datasets already in the store are reused)" if plan.mode == "full" else ""))
+    else:
+        what = "none on the training images (the champion's stored code and logits serve) = 0"
+    if plan.mode == "incremental" and plan.drop:
+        what += f"; dropped from the code: {', '.join(plan.drop)} (no forward)"
     what += f"; held-out slice: {', '.join(hold_missing) or 'none'} on {n_hold} images = {len(hold_missing) * n_hold}"
     return total, what
 
@@ -387,7 +461,8 @@ def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, hol
     t0 = time.perf_counter()
     if plan.mode == "incremental":
         def factory(j, teachers, pool, lg):
-            return IncrementalSource(j, teachers, pool, lg, address, base=plan.state, new=plan.diff.new)
+            return IncrementalSource(j, teachers, pool, lg, address, base=plan.state, new=plan.run,
+                                     drop=plan.drop, strategy=plan.strategy(job))
     else:
         def factory(j, teachers, pool, lg):
             return StoreSource(j, teachers, pool, lg, address)
@@ -430,7 +505,10 @@ def _execute(job, out, address, log, phase, reg, manifest, plan, train_pool, hol
         code_teachers=[CodeTeacher(name=n, fingerprint=teacher_fingerprint(entries[n])) for n in prov["code_teachers"]],
         logits=[LogitSource(**s) for s in prov["logits"]], amalgamation=job.amalgamation.model_dump(mode="json"),
         strategy=plan.strategy(job), note=plan.note,
+        decoder_key=prov.get("decoder_key"), code_blocks=prov.get("code_blocks"),
     )
+    if plan.mode == "full":  # a full run's codecs decode to its teachers: found now, kept with the state
+        state = with_decoder(reg.loc, state)
     write_state(reg, rec.version, state)
     covered = set(space.names) <= set(rec.classes)
     decision = judge(chal_metrics, champ_metrics, covered, job.retrain.tolerance)

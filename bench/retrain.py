@@ -1,16 +1,21 @@
-"""Retraining benchmark: incremental amalgamation (IFA step, one teacher added) vs a full DFA run.
+"""Retraining benchmark: incremental amalgamation (one teacher added; IFA and/or DFA step) vs a full DFA run.
 
 On the demo zoo (``$AMALGAM_HOME/zoos/mnist-fashion-4``, trained small with ``train_zoo``
-when absent), three ``amalgam retrain`` calls through the real store pipeline (Ray
-extraction, stages on Ray Train, joint stage on Ray Train DDP):
+when absent), ``amalgam retrain`` calls through the real store pipeline (Ray extraction,
+stages on Ray Train, joint stage on Ray Train DDP):
 
 1. champion: the zoo less its last teacher, no champion yet -> a full run, promoted;
-2. **IFA**: the whole zoo, same store -> only the added teacher runs; its features join the
-   champion's stored compact codes (``[old code | new teacher]`` per tap);
-3. **DFA**: the whole zoo in a fresh store -> a full run (one auto-encoder per tap over all
-   teachers' features), the reference.
+2. for each ``--strategy`` (``ifa``, ``dfa``; ``both`` by default), in a copy of that store
+   (the same champion): the whole zoo -> only the added teacher runs.
+   **IFA** step: its features join the champion's stored compact codes (``[old code | new
+   teacher]`` per tap). **DFA** step from stored blocks: one auto-encoder over every teacher,
+   the old teachers' features reconstructed from the stored code by the champion's decoder
+   (their Gram blocks with each other and with the new teacher read off the statistics of
+   ``[old code | new teacher]``; no old teacher runs);
+3. **DFA full**: the whole zoo in a fresh store -> a full run (one auto-encoder per tap over
+   all teachers' real features), the reference.
 
-2 and 3 train on the same pool rows (the same held-out slice is excluded) with the same
+All train on the same pool rows (the same held-out slice is excluded) with the same
 student widths, stages and joint budget, so they differ only in how the compact codes were
 made. Printed: comprehensive and task-aware accuracy on the test set, label-free fidelity to
 each teacher on the held-out slice, teacher forwards and wall time of each (and its split:
@@ -20,7 +25,8 @@ Then the issue's two targets, side by side from this one run: teacher forwards o
 incremental step (only the added teacher, not all N+1) and its wall time against the full
 retrain from an empty store (3.), target <= 0.5x, with the verdict.
 
-    .venv/bin/python bench/retrain.py [--pool 4000] [--test 4000] [--stage-epochs 3] [--joint-epochs 2] [--keep]
+    .venv/bin/python bench/retrain.py [--pool 4000] [--test 4000] [--stage-epochs 3] [--joint-epochs 2]
+                                      [--strategy both|ifa|dfa] [--keep]
 """
 
 from __future__ import annotations
@@ -54,12 +60,12 @@ def sub_zoo(src: Path, out: Path, names: list[str]) -> Path:
     return out / "zoo.yaml"
 
 
-def job_file(path: Path, zoo: Path, store: Path, args) -> Path:
+def job_file(path: Path, zoo: Path, store: Path, args, strategy: str = "dfa") -> Path:
     half = args.pool // 2
     raw = {
         "version": 1, "name": "bench-retrain", "zoo": str(zoo),
         "pool": {"sources": [{"dataset": "mnist", "count": half}, {"dataset": "fashion", "count": args.pool - half}]},
-        "amalgamation": {"widths": {"default": 0.4}},
+        "amalgamation": {"widths": {"default": 0.4}, "strategy": strategy},
         "stages": {"epochs": args.stage_epochs, "lr": 0.01, "workers": 2},
         "joint": {"epochs": args.joint_epochs},
         "baselines": {"kd": False, "supervised": False},
@@ -89,13 +95,14 @@ def fidelity_of(outcome) -> dict[str, float]:
 
 
 def targets(ifa, dfa, t_ifa: float, t_dfa: float, rows, n_teachers: int) -> dict:
+    """``ifa``: the first incremental run (row 0); ``dfa``: the full run (the last row)."""
     """Print issue 9's bench targets, measured in this run, with the verdict; return them."""
     n_train = ifa.report["train_images"]
     fw_ifa, fw_dfa = ifa.report["teacher_forwards"]["extraction"], dfa.report["teacher_forwards"]["extraction"]
     passes = 2  # statistics pass, codes pass
     ran_ifa, ran_dfa = fw_ifa / (n_train * passes), fw_dfa / (n_train * passes)
     ratio = t_ifa / t_dfa
-    feat_ifa, feat_dfa = rows[0][6]["features"], rows[1][6]["features"]
+    feat_ifa, feat_dfa = rows[0][6]["features"], rows[-1][6]["features"]
     print("\nissue 9 targets (both runs above, same pool, same training budget):")
     print(f"- teacher forwards: incremental {fw_ifa:,} = {ran_ifa:g} teacher x {n_train:,} training images x {passes} "
           f"passes; full retrain {fw_dfa:,} = {ran_dfa:g} teachers x {n_train:,} x {passes}. Target: only the added "
@@ -105,7 +112,7 @@ def targets(ifa, dfa, t_ifa: float, t_dfa: float, rows, n_teachers: int) -> dict
     print(f"- wall time: incremental {t_ifa:.0f} s vs full retrain from an empty store {t_dfa:.0f} s = "
           f"{ratio:.2f}x. Target <= 0.50x: {'met' if ok else 'NOT met'}"
           f" (features {feat_ifa:.0f} s vs {feat_dfa:.0f} s = {feat_ifa / max(feat_dfa, 1e-9):.2f}x; the training "
-          f"part, the same budget in both, {rows[0][6]['training']:.0f} s vs {rows[1][6]['training']:.0f} s)")
+          f"part, the same budget in both, {rows[0][6]['training']:.0f} s vs {rows[-1][6]['training']:.0f} s)")
     return {"forwards_incremental": fw_ifa, "forwards_full": fw_dfa, "teachers_run_incremental": ran_ifa,
             "teachers_run_full": ran_dfa, "wall_incremental_s": round(t_ifa, 1), "wall_full_s": round(t_dfa, 1),
             "wall_ratio": round(ratio, 3), "wall_target_met": ok,
@@ -118,6 +125,8 @@ def main() -> None:
     p.add_argument("--test", type=int, default=4000, help="test images (half each)")
     p.add_argument("--stage-epochs", type=int, default=3)
     p.add_argument("--joint-epochs", type=int, default=2)
+    p.add_argument("--strategy", choices=["both", "ifa", "dfa"], default="both",
+                   help="the incremental step's amalgamation (both: each, from copies of the champion's store)")
     p.add_argument("--zoo", default=str(amalgam_home() / "zoos" / "mnist-fashion-4" / "zoo.yaml"))
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--verbose", action="store_true")
@@ -140,19 +149,30 @@ def main() -> None:
     grown = sub_zoo(zoo, work / "zoo-grown", names)
 
     j_small = job_file(work / "small.yaml", small, work / "store", args)
-    j_ifa = job_file(work / "ifa.yaml", grown, work / "store", args)
     j_dfa = job_file(work / "dfa.yaml", grown, work / "store-dfa", args)
     quiet = not args.verbose
     champ, t_champ = run(j_small, work / "runs" / "champion", quiet)
     print(f"[bench] champion v{champ.version}: {champ.mode}, {t_champ:.0f}s, {champ.teacher_forwards} teacher forwards")
-    ifa, t_ifa = run(j_ifa, work / "runs" / "ifa", quiet)
-    print(f"[bench] IFA v{ifa.version}: {ifa.mode}, {t_ifa:.0f}s; {'promoted' if ifa.promoted else 'rejected'}: {ifa.decision}")
+    strategies = ["ifa", "dfa"] if args.strategy == "both" else [args.strategy]
+    labels = {"ifa": "IFA step (incremental, +1 teacher)", "dfa": "DFA step from stored blocks (incremental, +1 teacher)"}
+    runs = []
+    for strat in strategies:
+        store = work / f"store-{strat}-step"
+        shutil.copytree(work / "store", store)  # the same champion for each step
+        o, secs = run(job_file(work / f"{strat}-step.yaml", grown, store, args, strat), work / "runs" / f"{strat}-step",
+                      quiet)
+        print(f"[bench] {strat.upper()} step v{o.version}: {o.mode} ({o.report['amalgamation']['done']}), {secs:.0f}s; "
+              f"{'promoted' if o.promoted else 'rejected'}: {o.decision}")
+        runs.append((labels[strat], o, secs))
+    ifa, t_ifa = runs[0][1], runs[0][2]
     dfa, t_dfa = run(j_dfa, work / "runs" / "dfa", quiet)
     print(f"[bench] DFA v{dfa.version}: {dfa.mode}, {t_dfa:.0f}s")
 
     rows = []
-    for label, o, secs in (("IFA (incremental, +1 teacher)", ifa, t_ifa), ("DFA (full run, grown zoo)", dfa, t_dfa)):
+    for label, o, secs in (*runs, ("DFA (full run, grown zoo)", dfa, t_dfa)):
         r, t = o.report, o.result.extra["timings_s"]
+        if o.mode == "incremental":
+            assert r["amalgamation"]["done"] == ("ifa" if label.startswith("IFA") else "dfa"), r["amalgamation"]
         phases = {"features": round(t["teacher_statistics_pass"] + t["amalgamation_fit"], 1),
                   "training": round(t["stages"] + t["joint"], 1)}
         rows.append((label, r["comprehensive"], r["task_aware"], fidelity_of(o), r["teacher_forwards"], secs, phases))

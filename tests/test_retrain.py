@@ -1,12 +1,13 @@
 """``amalgam retrain``: the zoo diff, incremental extraction, and the whole lifecycle on a real local Ray.
 
-Fast tests check the pieces (the diff, the held-out split, the job section, and that an
-incremental pass computes exactly the statistics and codes of ``[previous code | new
-teachers]``). The slow test trains three tiny teachers and walks a student line through
-the issue's story: first retrain (no champion: full run, promoted), an unchanged zoo
-(nothing to do, no teacher loaded), a teacher added (dry run writes nothing; then only the
-new teacher runs, the class space grows in zoo order, v2 is judged), a teacher removed
-(full run, its classes gone).
+Fast tests check the pieces (the diff, the held-out split, the job section, the plans,
+that an incremental pass computes exactly the statistics and codes of ``[previous code | new
+teachers]``, and that a step on a stored code reads the kept teachers and the Gram blocks off
+it exactly). The slow test trains three tiny teachers and walks a student line through the
+issue's story: first retrain (no champion: full run, promoted), an unchanged zoo (nothing to
+do, no teacher loaded), a teacher added (dry run writes nothing; then only the new teacher
+runs, DFA from the stored code, the class space grows in zoo order, v2 is judged), a teacher
+removed (no teacher runs at all, its classes gone), a teacher changed (only it runs).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ def _record(teachers: list[tuple[str, str, list[str]]]) -> StudentRecord:
 
 class _Entry:
     def __init__(self, name: str, sha: str, classes: list[str]):
+        from types import SimpleNamespace
+
         self.name, self.sha256, self.classes = name, sha * 64, classes
+        self.arch, self.arch_args, self.taps, self.input = "cnn", {}, [], SimpleNamespace(model_dump=lambda: {})
 
 
 def test_diff_sorts_teachers_into_unchanged_new_changed_removed():
@@ -108,6 +112,55 @@ def test_incremental_rows_are_the_statistics_and_codes_of_previous_code_plus_new
         assert torch.allclose(codes.codes[t].float(), want.float(), atol=1e-2)
 
 
+def test_code_step_reads_kept_teachers_and_gram_blocks_off_the_stored_code():
+    """Engine: a codec's decoder rows reconstruct the kept teachers exactly as the full decoder does;
+    the step's statistics (old-old, old-new, new-new Gram blocks) equal those computed directly on
+    the reconstructed features; the composed codec encodes [code | new] as the fitted one encodes z."""
+    from amalgam.engine.amalgamate import code_step, fit_pca, restrict_decoder
+
+    gen = torch.Generator().manual_seed(0)
+    n, blocks = 300, [4, 5, 3]
+    latent = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    x_old = latent @ torch.randn(5, sum(blocks), generator=gen, dtype=torch.float64) + 3.0
+    x_old += 0.05 * torch.randn(n, sum(blocks), generator=gen, dtype=torch.float64)
+    x_new = latent[:, :3] @ torch.randn(3, 6, generator=gen, dtype=torch.float64) - 1.0
+    old_stats = TapStats(blocks, "fc")
+    old_stats.update([x_old[:, :4], x_old[:, 4:9], x_old[:, 9:]])
+    codec = fit_pca(old_stats, True).codec(5)  # the champion's DFA codec
+    code = codec.encode(x_old.float()).double()
+    keep = [0, 2]
+    rows = list(range(0, 4)) + list(range(9, 12))
+    d, m = restrict_decoder(codec, blocks, keep)
+    assert torch.allclose(code @ d.T + m, codec.decode(code.float()).double()[:, rows], atol=1e-5)
+
+    y_stats = TapStats([5, 6], "fc")
+    y_stats.update([code, x_new])
+    x_hat = code @ d.T + m
+    step = code_step(y_stats, "dfa", True, codec, blocks, keep)
+    z = step.stats(y_stats)
+    direct = TapStats([4, 3, 6], "fc")
+    direct.update([x_hat[:, :4], x_hat[:, 4:], x_new])
+    assert z.blocks == direct.blocks and z.count == direct.count
+    assert torch.allclose(z.sum, direct.sum, rtol=1e-9) and torch.allclose(z.gram, direct.gram, rtol=1e-9, atol=1e-6)
+    fitted = fit_pca(z, True).codec(4)
+    composed = step.input_codec(fitted)
+    y = torch.cat([code, x_new], 1).float()
+    assert torch.allclose(composed.encode(y), fitted.encode(torch.cat([x_hat, x_new], 1).float()), atol=1e-4)
+    assert torch.allclose(composed.dec_w, fitted.dec_w) and step.teacher_blocks == [4, 3, 6]  # decodes to teachers
+
+    # IFA with a teacher dropped: one "previous code" block of the kept teachers' (scaled)
+    # reconstruction, in a basis of its span (7 channels, rank 5), from which the teachers'
+    # features come back exactly.
+    ifa = code_step(y_stats, "ifa", True, codec, blocks, keep)
+    assert ifa.blocks == [5, 6]
+    zi = torch.cat([code, x_new], 1) @ ifa.a_w.T + ifa.a_b
+    assert torch.allclose(zi @ ifa.g_w.T + ifa.g_b, torch.cat([x_hat, x_new], 1), atol=1e-9)
+    # IFA keeping every teacher: the plain step on [code | new], as before.
+    plain = code_step(y_stats, "ifa", True, codec, blocks)
+    assert torch.equal(plain.a_w, torch.eye(11, dtype=torch.float64)) and plain.blocks == [5, 6]
+    assert torch.allclose(plain.stats(y_stats).gram, y_stats.gram)
+
+
 class _FakeLoc:
     def __init__(self, files: dict[str, bytes]):
         self.files = files
@@ -128,7 +181,10 @@ class _FakeRegistry:
     base = "students/x"
 
     def __init__(self, state: dict):
-        self.loc = _FakeLoc({f"{self.base}/versions/000001/features.json": json.dumps(state).encode()})
+        files = {f"{self.base}/versions/000001/features.json": json.dumps(state).encode()}
+        if state.get("decoder_key"):
+            files[f"{state['decoder_key']}/codecs.json"] = b"{}"
+        self.loc = _FakeLoc(files)
 
     def head(self):
         from types import SimpleNamespace
@@ -140,24 +196,41 @@ class _FakeRegistry:
 
 
 @pytest.mark.parametrize("strategy", ["dfa", "ifa"])
-def test_incremental_plan_says_dfa_was_asked_but_ifa_is_done(strategy):
-    """Adding a teacher is an IFA step on stored codes whatever the job asks; asked for dfa, it says so."""
+def test_incremental_plans_for_added_removed_and_changed_teachers(strategy):
+    """Added, removed and changed teachers are all incremental steps on the stored codes, in the
+    job's strategy, when the champion's code decodes to its teachers; without a decoder a teacher
+    cannot leave it (full run), and DFA falls back to an IFA step that says so."""
     from amalgam.job import Job
+    from amalgam.retrain import NO_DECODER_NOTE
+    from amalgam.store.fingerprint import teacher_fingerprint
 
     job = Job.model_validate({"name": "x", "zoo": "z.yaml", "pool": {"sources": [{"dataset": "mnist"}]},
                               "amalgamation": {"strategy": strategy}})
-    state = {"kind": "full", "pool": "p", "holdout": "h", "codes_key": "codes/k", "code_widths": {"conv1": 2},
-             "code_teachers": [], "logits": [], "amalgamation": job.amalgamation.model_dump(mode="json")}
-    zoo = [_Entry("a", "1", ["m/0", "m/1"]), _Entry("b", "2", ["m/2", "m/3"]), _Entry("n", "3", ["f/0"])]
-    plan = make_plan(job, _FakeRegistry(state), zoo, "p")
-    assert plan.mode == "incremental" and plan.diff.new == ["n"]
-    assert plan.strategy(job) == "ifa"
-    assert plan.note == (DFA_NOTE if strategy == "dfa" else None)
-    assert DFA_NOTE == ("dfa requested; retrain amalgamates incrementally (IFA) from stored codes; "
-                        "run a full `amalgam run` for DFA")
-    # A full run does what the job asks, and says nothing.
-    full = make_plan(job, _FakeRegistry(state), zoo[:1] + zoo[2:], "p")  # b removed
-    assert full.mode == "full" and full.note is None and full.strategy(job) == strategy
+    a, b = _Entry("a", "1", ["m/0", "m/1"]), _Entry("b", "2", ["m/2", "m/3"])
+    other = "ifa" if strategy == "dfa" else "dfa"  # the champion's own strategy does not matter
+    state = {"kind": "incremental", "pool": "p", "holdout": "h", "codes_key": "codes/k", "code_widths": {"conv1": 2},
+             "code_teachers": [{"name": e.name, "fingerprint": teacher_fingerprint(e)} for e in (a, b)],
+             "logits": [], "amalgamation": {**job.amalgamation.model_dump(mode="json"), "strategy": other}}
+    decodable = {**state, "decoder_key": "codecs/d", "code_blocks": {"conv1": [3, 4]}}
+    n = _Entry("n", "3", ["f/0"])
+    plan = make_plan(job, _FakeRegistry(decodable), [a, b, n], "p")
+    assert plan.mode == "incremental" and (plan.run, plan.drop) == (["n"], [])
+    assert plan.strategy(job) == strategy and plan.note == (DFA_NOTE if strategy == "dfa" else None)
+    removed = make_plan(job, _FakeRegistry(decodable), [a], "p")
+    assert removed.mode == "incremental" and (removed.run, removed.drop) == ([], ["b"])
+    assert "no teacher runs" in removed.reason and "removed b" in removed.reason
+    changed = make_plan(job, _FakeRegistry(decodable), [a, _Entry("b", "9", ["m/2", "m/3"])], "p")
+    assert changed.mode == "incremental" and (changed.run, changed.drop) == (["b"], ["b"])
+    assert "changed b" in changed.reason and "only b run" in changed.reason
+
+    # No decoder kept (an incremental champion from before): adding still works (DFA as IFA, said once) ...
+    plan = make_plan(job, _FakeRegistry(state), [a, b, n], "p")
+    assert plan.mode == "incremental" and plan.strategy(job) == "ifa"
+    assert plan.note == (NO_DECODER_NOTE if strategy == "dfa" else None)
+    # ... removing needs a full run, which does what the job asks and says nothing.
+    full = make_plan(job, _FakeRegistry(state), [a, n], "p")
+    assert full.mode == "full" and "no decoder" in full.reason and "b cannot leave it" in full.reason
+    assert full.note is None and full.strategy(job) == strategy
 
 
 # ------------------------------------------------------------------------------------- lifecycle
@@ -263,6 +336,8 @@ def test_retrain_lifecycle(zoo_entries, monkeypatch, capfd):
     state1 = read_state(reg, 1)
     assert state1.kind == "full" and [t.name for t in state1.code_teachers] == ["mnist-0-4", "mnist-5-9"]
     assert state1.strategy == "dfa" and state1.note is None
+    # A full run's codecs decode to its teachers: kept with the state, for a later removal or change.
+    assert state1.decoder_key and [len(b) for b in state1.code_blocks.values()] == [2] * len(state1.code_blocks)
     assert reg.record(1).metrics.fidelity and set(reg.record(1).metrics.fidelity) == {"mnist-0-4", "mnist-5-9"}
 
     # 2. The same zoo again: nothing to do, exit 0, no teacher even loaded.
@@ -285,7 +360,8 @@ def test_retrain_lifecycle(zoo_entries, monkeypatch, capfd):
     assert _cli(monkeypatch, "retrain", str(job), "--dry-run", "--out", str(d / "runs" / "dry")) == 0
     text = capfd.readouterr().out
     assert "new: fashion-0-4" in text and "plan: incremental amalgamation" in text
-    # The job asks for DFA (the default); the incremental step is IFA, and says so, once.
+    # The job asks for DFA (the default): one auto-encoder over all three teachers, the old two
+    # read through the champion's decoder (said once).
     assert text.count(f"[retrain] {DFA_NOTE}\n") == 1
     assert f"fashion-0-4 on {n_train} training images x 2 passes" in text
     assert f"total {n_train * 2 + n_hold} teacher forwards" in text
@@ -297,16 +373,19 @@ def test_retrain_lifecycle(zoo_entries, monkeypatch, capfd):
     r2 = json.loads((d / "runs" / "v2" / "retrain.json").read_text())
     assert r2["mode"] == "incremental" and r2["diff"]["new"] == ["fashion-0-4"]
     assert text.count(f"[retrain] {DFA_NOTE}\n") == 1
-    assert r2["amalgamation"] == {"requested": "dfa", "done": "ifa", "note": DFA_NOTE}
+    assert r2["amalgamation"] == {"requested": "dfa", "done": "dfa", "note": DFA_NOTE}
     assert r2["teacher_forwards"] == {"extraction": n_train * 1 * 2, "holdout": n_hold * 1, "total": n_train * 2 + n_hold}
     report = json.loads((d / "runs" / "v2" / "report.json").read_text())
     assert report["extra"]["teacher_forwards"] == n_train * 2
     assert report["extra"]["feature_source"].startswith("store (incremental")
-    assert set(report["extra"]["amalgamation"]["conv1"]["kept_variance"]) == {"total", "previous code", "fashion-0-4"}
+    assert set(report["extra"]["amalgamation"]["conv1"]["kept_variance"]) == {"total", *classes}
     rec2 = reg.record(2)
     assert rec2.classes == classes["mnist-0-4"] + classes["fashion-0-4"] + classes["mnist-5-9"]
     assert rec2.lineage == 1 and read_state(reg, 2).kind == "incremental"
-    assert (read_state(reg, 2).strategy, read_state(reg, 2).note) == ("ifa", DFA_NOTE)
+    state2 = read_state(reg, 2)
+    assert (state2.strategy, state2.note) == ("dfa", DFA_NOTE)
+    assert [t.name for t in state2.code_teachers] == ["mnist-0-4", "mnist-5-9", "fashion-0-4"]
+    assert state2.decoder_key and all(len(b) == 3 for b in state2.code_blocks.values())
     assert r2["decision"] and f"registered v2 (15 classes): " in text
     status = reg.status_of(rec2, reg.head())
     if r2["promoted"]:
@@ -315,18 +394,71 @@ def test_retrain_lifecycle(zoo_entries, monkeypatch, capfd):
         assert status == "rejected" and rec2.reason == r2["decision"] and reg.head().version == 1
     assert set(r2["challenger"]["fidelity"]) == {"mnist-0-4", "fashion-0-4", "mnist-5-9"}
 
-    # 5. A teacher removed: full run over the current zoo; its classes leave the class space.
-    _zoo(d, entries, ["mnist-0-4", "fashion-0-4"])
-    assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "v3")) == 0
+    # 5. A teacher removed from the champion (v2 or v1, whichever was promoted): no teacher runs at
+    # all; the kept teachers' features come from the champion's code through its decoder. This
+    # step asks for IFA (the strategy may differ from the champion's: it only says how to step).
+    ifa_job = _job(d, "job-ifa.yaml", amalgamation={"widths": {"default": 0.4}, "strategy": "ifa"})
+    from amalgam import metrics
+
+    def extracted() -> dict[str, float]:
+        return {n: metrics.METRICS.registry.get_sample_value("amalgam_samples_extracted_total", {"teacher": n}) or 0.0
+                for n in entries}
+
+    head = reg.record(reg.head().version)
+    kept = [t.name for t in head.teachers if t.name != "mnist-5-9"]
+    _zoo(d, entries, kept)
+    assert _cli(monkeypatch, "retrain", str(ifa_job), "--dry-run", "--out", str(d / "runs" / "dry3")) == 0
+    text = capfd.readouterr().out
+    assert "removed: mnist-5-9" in text and "total 0 teacher forwards" in text
+    assert "dropped from the code: mnist-5-9 (no forward)" in text
+    before = extracted()
+    assert _cli(monkeypatch, "retrain", str(ifa_job), "--out", str(d / "runs" / "v3")) == 0
     text = capfd.readouterr().out
     r3 = json.loads((d / "runs" / "v3" / "retrain.json").read_text())
-    assert r3["mode"] == "full" and "removed mnist-5-9" in r3["reason"]
+    assert r3["mode"] == "incremental" and "removed mnist-5-9" in r3["reason"] and "no teacher runs" in r3["reason"]
+    assert r3["champion"] == head.version and r3["amalgamation"] == {"requested": "ifa", "done": "ifa", "note": None}
+    amalgamation3 = json.loads((d / "runs" / "v3" / "report.json").read_text())["extra"]["amalgamation"]
+    assert set(amalgamation3["conv1"]["kept_variance"]) == {"total", "previous code"}
+    # Held-out logits were stored before too: no teacher forward anywhere.
+    assert r3["teacher_forwards"] == {"extraction": 0, "holdout": 0, "total": 0}
+    assert extracted() == before
     rec3 = reg.record(3)
-    assert rec3.classes == classes["mnist-0-4"] + classes["fashion-0-4"]
+    assert rec3.classes == [c for n in kept for c in classes[n]]
     assert not set(classes["mnist-5-9"]) & set(rec3.classes)
-    assert r3["decision"]
-    # Held-out logits of both teachers were stored before: no teacher re-run for them.
-    assert r3["teacher_forwards"]["holdout"] == 0
+    assert r3["decision"] and set(r3["challenger"]["fidelity"]) == set(kept)
+    state3 = read_state(reg, 3)
+    assert [t.name for t in state3.code_teachers] == kept and state3.decoder_key and state3.strategy == "ifa"
+
+    # 6. A teacher changed (re-saved with other weights, its hash updated as the importer does):
+    # only it runs (DFA again), the class space is the same, a student is trained and judged.
+    from safetensors.torch import load_file, save_file
+
+    from amalgam.data.fetch import sha256_file
+
+    head = reg.record(reg.head().version)
+    names = [t.name for t in head.teachers]
+    old = entries["mnist-0-4"]
+    weights = {k: v + 0.02 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) if v.is_floating_point()
+               else v for k, v in load_file(d / "zoo" / old.weights).items()}
+    save_file(weights, d / "zoo" / "mnist-0-4-v2.safetensors")
+    changed = {**entries, "mnist-0-4": old.model_copy(update={
+        "weights": "mnist-0-4-v2.safetensors", "sha256": sha256_file(d / "zoo" / "mnist-0-4-v2.safetensors")})}
+    _zoo(d, changed, names)
+    before = extracted()
+    assert _cli(monkeypatch, "retrain", str(job), "--out", str(d / "runs" / "v4")) == 0
+    text = capfd.readouterr().out
+    r4 = json.loads((d / "runs" / "v4" / "retrain.json").read_text())
+    assert r4["mode"] == "incremental" and r4["diff"]["changed"] == ["mnist-0-4"] and r4["diff"]["new"] == []
+    assert "only mnist-0-4 run" in r4["reason"]
+    assert r4["teacher_forwards"] == {"extraction": n_train * 2, "holdout": n_hold, "total": n_train * 2 + n_hold}
+    after = extracted()
+    assert {n: after[n] - before[n] for n in entries} == {n: (n_train * 2 if n == "mnist-0-4" else 0) for n in entries}
+    rec4 = reg.record(4)
+    assert rec4.classes == head.classes and r4["classes"] == len(head.classes)
+    assert r4["decision"] and set(r4["challenger"]["fidelity"]) == set(names)
+    state4 = read_state(reg, 4)
+    assert [t.name for t in state4.code_teachers] == [*[n for n in names if n != "mnist-0-4"], "mnist-0-4"]
+    assert state4.code_teachers[-1].fingerprint != state3.code_teachers[0].fingerprint
 
 
 @pytest.mark.slow

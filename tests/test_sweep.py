@@ -92,6 +92,18 @@ def test_sweep_section_is_validated():
         Sweep.model_validate({"trials": 4, "widthz": {}})
 
 
+def test_sweep_refuses_joint_feature_terms_before_loading_anything():
+    """The sweep's trials train from the store, whose joint stage has no feature terms: refused in
+    one line naming the field, not silently ignored (the zoo path does not even exist)."""
+    from amalgam.errors import AmalgamError
+    from amalgam.sweep.prepare import prepare
+
+    job = _job({"widths": {"default": {"choice": [0.25, 0.5]}}})
+    job = job.model_copy(update={"joint": job.joint.model_copy(update={"feature_weight": 1.0})})
+    with pytest.raises(AmalgamError, match=r"^job j: field joint\.feature_weight: a sweep trains from the store"):
+        prepare(job, None)
+
+
 def test_holdout_split_is_seeded_and_disjoint():
     train, held = holdout_split(1000, 0.1, seed=3)
     assert len(held) == 100 and int(train.sum()) == 900 and not train[held].any()

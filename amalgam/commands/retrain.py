@@ -1,4 +1,4 @@
-"""``amalgam retrain JOB``: retrain as the zoo grows; only new teachers run; champion/challenger gate.
+"""``amalgam retrain JOB``: retrain as the zoo changes; only added or changed teachers run; champion/challenger gate.
 
 Exits 0 when nothing changed (no teacher added, changed or removed since the champion), without
 loading a teacher: a scheduled run (the RayCronJob in ``k8s/``) is then a no-op. A rejected
@@ -44,11 +44,12 @@ def _retrain(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "retrain",
-        help="retrain as the zoo grows: run only new teachers, judge the new student against the champion",
-        description="Diff the zoo with the registry champion of the job's student line; run only new teachers "
-                    "(incremental amalgamation on the champion's stored codes) or, if a teacher was removed or "
-                    "changed, a full run; register the new student and promote it only if it covers the zoo and "
-                    "does not regress beyond retrain.tolerance. Exits 0 with nothing to do when the zoo is unchanged.",
+        help="retrain as the zoo changes: run only added or changed teachers, judge the new student against the champion",
+        description="Diff the zoo with the registry champion of the job's student line; run only added and changed "
+                    "teachers (incremental amalgamation, IFA or DFA as the job says, on the champion's stored codes: "
+                    "a removed teacher leaves them with no teacher run) or, when the stored features cannot serve, "
+                    "a full run; register the new student and promote it only if it covers the zoo and does not "
+                    "regress beyond retrain.tolerance. Exits 0 with nothing to do when the zoo is unchanged.",
     )
     r.add_argument("job")
     r.add_argument("--dry-run", action="store_true", help="print the diff and what would be run, trained and compared")

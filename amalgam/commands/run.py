@@ -118,7 +118,9 @@ def _record(result) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    """Both extraction passes into the store (statistics + logits, then codes), nothing else."""
+    """Both extraction passes into the store (statistics + logits, then codes), nothing else.
+    Mode sgd: the first pass also stores the raw taps, and the auto-encoders are trained on
+    them (Ray Train) before the codes are encoded from them."""
     from amalgam.data.pool import build_pool
     from amalgam.distributed.store_source import StoreSource
     from amalgam.job import load_job
@@ -149,7 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="run directory (default $AMALGAM_HOME/runs/NAME-TIME)")
     r.add_argument("--threads", type=int, help="torch CPU threads")
     r.set_defaults(func=_run)
-    e = sub.add_parser("extract", help="run the teachers on Ray and fill the store (statistics, logits, codes)")
+    e = sub.add_parser("extract", help="run the teachers on Ray and fill the store (statistics, logits, codes; "
+                                             "mode sgd: raw taps and trained auto-encoders too)")
     e.add_argument("job")
     e.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     e.set_defaults(func=_extract)

@@ -88,6 +88,16 @@ def train_storage(store_uri: str, s3: dict | None, run_dir) -> TrainStorage:
     return TrainStorage(loc.path(rel), loc.uri_of(rel), EnvS3FileSystem(loc.uri, s3))
 
 
+def store_train_storage(store_uri: str, s3: dict | None, rel: str) -> TrainStorage:
+    """Ray Train storage at ``rel`` inside the store (local or S3): for runs that belong to a
+    store entry rather than to a run directory (the SGD auto-encoders of ``codecs/<fp>``, which
+    ``amalgam extract`` fits with no run directory at all)."""
+    loc = open_store(store_uri, S3Options(**(s3 or {})))
+    if not loc.is_s3:
+        return TrainStorage(loc.path(rel), loc.uri_of(rel))
+    return TrainStorage(loc.path(rel), loc.uri_of(rel), EnvS3FileSystem(loc.uri, s3))
+
+
 GpuSetting = Union[float, Literal["auto"]]
 
 
@@ -124,12 +134,14 @@ def torch_backend(gpus_per_worker: float, ddp: bool) -> str:
 
 def fit_trainer(loop, job: object, kind: str, storage: TrainStorage, workers: int, cpus_per_worker: float,
                 max_failures: int, datasets: dict | None = None, gpus_per_worker: float = 0.0, ddp: bool = False,
-                callbacks: list | None = None):
+                callbacks: list | None = None, dataset_config=None):
     """One TorchTrainer run of ``loop`` with ``{"job": job}``, checkpointed under STORAGE/KIND-FP.
 
     Both Ray Train uses (stages, joint) share it: same storage layout, restart policy and
     checkpoint retention. ``callbacks`` (``ray.train.UserCallback``; run on Ray Train's
     controller) see every round of reports: :mod:`amalgam.distributed.progress`.
+    ``dataset_config`` (``ray.train.DataConfig``) replaces Ray Train's default ingest of
+    ``datasets`` (the joint stage keeps block order: ``train_joint.ordered_ingest``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,6 +150,7 @@ def fit_trainer(loop, job: object, kind: str, storage: TrainStorage, workers: in
         loop,
         train_loop_config={"job": job},
         datasets=datasets,
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
         torch_config=TorchConfig(backend=torch_backend(gpus_per_worker, ddp)),
         scaling_config=scaling_config(workers, cpus_per_worker, gpus_per_worker),
         run_config=RunConfig(

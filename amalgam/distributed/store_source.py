@@ -4,6 +4,11 @@ Plugs into the engine's recipe (:func:`amalgam.engine.run_local.run_local`) in p
 in-process teachers: the same statistics, codecs and code batches, read from Parquet.
 Codes are stored at ``max_width``; with PCA (DFA) a narrower width is a prefix of the same
 basis, so one extraction serves every width a sweep asks for.
+
+Mode ``sgd`` (the paper's auto-encoders, trained on raw features) keeps the raw taps: the
+teacher pass also writes them, the auto-encoders train on them on Ray Train
+(:mod:`amalgam.distributed.train_codecs`) and the codes pass encodes them, so the teachers
+still run once. SGD codecs have no prefix property: codes are stored at the widths used.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from amalgam.distributed.extract import (
     ensure_ray,
     outputs_key,
     run_pass,
+    taps_key,
     store_location,
     sum_stats,
 )
@@ -43,11 +49,6 @@ class StoreSource:
     name = "store (Ray extraction)"
 
     def __init__(self, job: Job, teachers: list[Teacher], pool: Pool, log=print, address: str | None = None):
-        if job.amalgamation.mode == "sgd":
-            raise AmalgamError(
-                f"job {job.name}: field amalgamation.mode: sgd needs raw taps, which the store does not keep; "
-                "run it with --local"
-            )
         self.job, self.teachers, self.pool, self.log = job, teachers, pool, log
         self.loc = store_location(job)
         self.pool_fp = pool.fingerprint()
@@ -55,6 +56,7 @@ class StoreSource:
         self.teacher_forwards = 0
         self.codes: Dataset | None = None
         self.outputs: Dataset | None = None
+        self.taps: Dataset | None = None  # raw taps (mode sgd)
         ensure_ray(address)
 
     def _spec(self, kind: str, key: str, fingerprints: dict[str, str], codecs: str | None = None,
@@ -73,7 +75,7 @@ class StoreSource:
         teachers reads the old teachers' logits (``logits``) and compact codes (``codes_key``,
         cut to the student's widths) from here instead of running them again.
         """
-        return {
+        out = {
             "pool": self.pool_fp,
             "zoo": self.zoo_fp,
             "codes_key": self.codes.key if self.codes is not None else None,
@@ -82,12 +84,19 @@ class StoreSource:
             "logits": [{"key": self.outputs.key, "teachers": [t.name for t in self.teachers],
                         "classes": [len(t.entry.classes) for t in self.teachers]}] if self.outputs is not None else [],
         }
+        if self.taps is not None:
+            out["taps_key"] = self.taps.key
+        return out
 
     def teacher_pass(self) -> TeacherPassResult:
-        spec = self._spec("outputs", outputs_key(self.zoo_fp, self.pool_fp), {"zoo": self.zoo_fp, "pool": self.pool_fp})
+        """Logits and statistics (and, in mode sgd, the raw taps) of the pool: one teacher pass, or none if stored."""
+        raw = taps_key(self.zoo_fp, self.pool_fp) if self.job.amalgamation.mode == "sgd" else None
+        spec = self._spec("outputs", outputs_key(self.zoo_fp, self.pool_fp), {"zoo": self.zoo_fp, "pool": self.pool_fp},
+                          taps_key=raw)
         res = run_pass(spec, self.job, self.pool, [STATS_SIDE], self.log)
         self.teacher_forwards += res.teacher_forwards
         self.outputs = res.dataset
+        self.taps = res.taps
         data = res.dataset.read_all(["index", "logits"])
         if not np.array_equal(data["index"], np.arange(len(self.pool))):
             raise AmalgamError(f"{self.loc.uri_of(res.dataset.key)}: rows are not the pool's samples in order")
@@ -101,6 +110,8 @@ class StoreSource:
         and that must not orphan the stored codes.
         """
         cfg = self.job.amalgamation
+        if cfg.mode == "sgd":
+            return self._fit_sgd(stats)
         widths = resolve_widths(self.job, stats)
         stored_widths = resolve_widths(self.job, stats, maximum=True) if cfg.strategy == "dfa" else widths
         meta = {"mode": cfg.mode, "strategy": cfg.strategy, "balance": cfg.balance, "zoo": self.zoo_fp,
@@ -124,6 +135,55 @@ class StoreSource:
         self.codes = res.dataset
         self.stored_widths = {tap: c.width for tap, c in stored.items()}
         return {tap: c.prefix(widths[tap]) for tap, c in stored.items()}, {}
+
+    def _fit_sgd(self, stats: dict[str, TapStats]) -> tuple[dict[str, LinearCodec], dict[str, list[float]]]:
+        """The paper's auto-encoders: trained on Ray Train from the stored raw taps (or reused), then
+        the stored taps encoded into the codes dataset, with no teacher.
+
+        Keyed by everything the training depends on (taps dataset, widths, balancing, epochs,
+        lr, batch size, seed). Codes are stored at exactly the widths used: an SGD code has no
+        prefix property (``max_width`` does not apply; a sweep refuses mode sgd).
+        """
+        from amalgam.distributed.runs import store_train_storage, worker_gpus
+        from amalgam.distributed.train_codecs import fit_codecs_on_ray, plan_codec_job
+
+        if self.taps is None:
+            raise AmalgamError(f"job {self.job.name}: mode sgd needs the raw taps: teacher_pass() first")
+        cfg, st = self.job.amalgamation, self.job.stages
+        widths = resolve_widths(self.job, stats)
+        meta = {"mode": "sgd", "strategy": cfg.strategy, "balance": cfg.balance, "zoo": self.zoo_fp,
+                "pool": self.pool_fp, "widths": widths, "raw_taps": self.taps.key, "epochs": cfg.sgd.epochs,
+                "lr": cfg.sgd.lr, "batch_size": st.batch_size, "seed": self.job.seed}
+        codec_fp = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+        ckey = codecs_key(codec_fp)
+        if self.loc.exists(f"{ckey}/codecs.json"):
+            self.log(f"[amalgamate] reusing sgd auto-encoders at {self.loc.uri_of(ckey)}")
+        else:
+            workers = max(1, min(st.workers, len(widths)))
+            job = plan_codec_job(
+                stats, widths, {tap: self.job.seed + i for i, tap in enumerate(stats)}, self.taps, workers,
+                balance=cfg.balance, lr=cfg.sgd.lr, epochs=cfg.sgd.epochs, batch_size=st.batch_size,
+                seed=self.job.seed, store_uri=self.job.store_uri(), s3=self.job.store.s3.model_dump(),
+                threads=max(1, int(st.cpus_per_worker)),
+            )
+            # The training state lives in the (uncommitted) codecs entry it produces: a killed
+            # driver's rerun resumes from it, `amalgam store gc` collects an abandoned one.
+            storage = store_train_storage(self.job.store_uri(), self.job.store.s3.model_dump(), f"{ckey}/train")
+            fitted, curves = fit_codecs_on_ray(job, storage, workers, st.cpus_per_worker, st.max_failures,
+                                               {t: s.kind for t, s in stats.items()}, self.log,
+                                               worker_gpus(st.gpus_per_worker, workers))
+            save_codecs(self.loc, ckey, fitted, {**meta, "curves": curves})
+            if self.loc.exists(f"{ckey}/train"):  # the codecs are committed: their training state is spent
+                self.loc.delete_dir(f"{ckey}/train")
+        stored, info = load_codecs(self.loc, ckey)  # another job's may have been there first
+        spec = self._spec("codes", codes_key(codec_fp, self.pool_fp),
+                          {"zoo": self.zoo_fp, "pool": self.pool_fp, "codecs": codec_fp}, codecs=ckey,
+                          raw_key=self.taps.key)
+        res = run_pass(spec, self.job, self.pool, [], self.log)
+        self.teacher_forwards += res.teacher_forwards
+        self.codes = res.dataset
+        self.stored_widths = {tap: c.width for tap, c in stored.items()}
+        return stored, {k: list(v) for k, v in info.get("curves", {}).items()}
 
     def epoch_batches(self, codecs: dict[str, LinearCodec], head_targets: torch.Tensor, student_norm: Normalize,
                       batch_size: int, seed: int) -> Callable[[int], Iterator[dict]]:
@@ -186,7 +246,10 @@ class StoreSource:
         )
         # Materialised before training: on a small cluster the DDP workers hold every CPU, and
         # streaming reads would wait for a CPU forever. Images are ~1 KB a row.
-        dataset = self.codes.ray_dataset(columns=["index", "image"]).materialize()
+        dataset = self.codes.ray_dataset(columns=["index", "image"])
+        # Blocks in shard order, so each rank gets the same rows every run (see ordered_ingest).
+        dataset.context.execution_options.preserve_order = True
+        dataset = dataset.materialize()
         with EpochProgress("joint", epoch_end) as progress:
             state, curve = train_joint_on_ray(job, dataset, self.train_storage(run_dir), jc.workers,
                                               jc.cpus_per_worker, self.job.stages.max_failures, self.log,

@@ -112,6 +112,27 @@ def joint_worker(config: dict) -> None:
             ray.train.report({"epoch": epoch + 1, "loss": mean}, checkpoint=checkpoint)
 
 
+def ordered_ingest():
+    """Ray Train's data ingest with ``preserve_order``: every epoch each rank gets the same rows
+    in the same order, run after run (and after a restart from a checkpoint).
+
+    By default Ray Data hands blocks out as they come (the materialised dataset's block order is
+    the reads' completion order; ``OutputSplitter`` dispatches by arrival and locality), so two
+    runs with the same seed trained on different row orders (two identical runs of a
+    512-image job, one worker: final accuracy 0.148 and 0.114), and a restart after a lost
+    worker replayed its epoch on other rows (``tests/test_ray_pipeline.py`` noted 0.748 clean
+    vs 0.741 restarted). With ``preserve_order`` the splitter ignores locality and deals the
+    blocks out in order; the dataset is materialised before training (in order too,
+    ``StoreSource.train_joint``), so no read is waited for. Both are then the same student bit
+    for bit (``tests/robustness/test_driver_loss.py``).
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def train_joint_on_ray(job: JointJob, dataset, storage: TrainStorage, workers: int, cpus_per_worker: float,
                        max_failures: int, log=print, gpus_per_worker: float = 0.0,
                        callbacks: list | None = None) -> tuple[dict, list[float]]:
@@ -119,7 +140,8 @@ def train_joint_on_ray(job: JointJob, dataset, storage: TrainStorage, workers: i
     gpus = f", {gpus_per_worker:g} GPU each" if gpus_per_worker else ""
     log(f"[joint] Ray Train DDP: {workers} workers{gpus}; checkpoints under {storage.uri}")
     result = fit_trainer(joint_worker, job, "joint", storage, workers, cpus_per_worker, max_failures,
-                         datasets={"train": dataset}, gpus_per_worker=gpus_per_worker, ddp=True, callbacks=callbacks)
+                         datasets={"train": dataset}, gpus_per_worker=gpus_per_worker, ddp=True, callbacks=callbacks,
+                         dataset_config=ordered_ingest())
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "joint.pt", weights_only=True, map_location="cpu")
     return state["model"], [float(v) for v in state["curve"]]

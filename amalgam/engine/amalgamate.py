@@ -238,8 +238,10 @@ def fit_pca(stats: TapStats, balance: bool = False) -> PCABasis:
     return PCABasis(stats.mean().clone(), scale, eigvals, eigvecs * signs, stats.kind)
 
 
-def _affine_stats(stats: TapStats, a: torch.Tensor, b: torch.Tensor, blocks: list[int]) -> TapStats:
-    """Statistics of ``y = A x + b`` from those of ``x`` (exact: first and second moments transform)."""
+def affine_stats(stats: TapStats, a: torch.Tensor, b: torch.Tensor, blocks: list[int]) -> TapStats:
+    """Statistics of ``y = A x + b`` from those of ``x`` (exact: first and second moments transform).
+
+    The Gram of a linear map of a code is one such: no pass over the data is needed for it."""
     n = stats.count
     mu = a @ stats.mean() + b
     cov = a @ stats.cov() @ a.T
@@ -268,7 +270,7 @@ def fit_ifa(stats: TapStats, k: int, balance: bool = False) -> LinearCodec:
         # Input of this step: [code_prev ; x_t] = A x + a.
         a = torch.cat([enc_w, torch.eye(c, dtype=torch.float64)[s]], 0)
         a_b = torch.cat([enc_b, torch.zeros(width_t, dtype=torch.float64)])
-        step_stats = _affine_stats(stats, a, a_b, [enc_w.shape[0], width_t])
+        step_stats = affine_stats(stats, a, a_b, [enc_w.shape[0], width_t])
         kk = min(k, step_stats.channels)
         step = fit_pca(step_stats, balance).codec(kk)
         se_w, se_b = step.enc_w.double(), step.enc_b.double()
@@ -283,6 +285,140 @@ def fit_ifa(stats: TapStats, k: int, balance: bool = False) -> LinearCodec:
     if enc_w.shape[0] > k:  # a single teacher: plain PCA of its block
         return fit_pca(stats, balance).codec(k)
     return LinearCodec(enc_w, enc_b, dec_w, dec_b, stats.kind)
+
+
+# ------------------------------------------------------------ steps on a stored code (amalgam retrain)
+#
+# A PCA codec's decoder reconstructs every teacher it was fitted on from the compact code
+# alone: x_hat = D c + m, and teacher i's rows give x_hat_i = D_i c + m_i (up to the PCA
+# residual). So when teachers leave or change, the kept teachers' features are an affine
+# function of the stored code, and an auto-encoder over them (plus new teachers' features)
+# needs no forward of an old teacher: its statistics are an affine image of the statistics
+# of ``[code | new features]``, and so is its encoder.
+
+
+def block_rows(blocks: list[int], keep: list[int]) -> torch.Tensor:
+    """Channel indices of the blocks ``keep`` (indices into ``blocks``), in the order given."""
+    starts = [0]
+    for b in blocks:
+        starts.append(starts[-1] + b)
+    parts = [torch.arange(starts[i], starts[i + 1]) for i in keep]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def restrict_decoder(codec: LinearCodec, blocks: list[int], keep: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map ``code -> features of teachers keep`` inside ``codec``'s decoder (float64).
+
+    ``blocks`` are the channels of each teacher of the concatenation ``codec`` decodes to. The
+    kept teachers' reconstruction is exactly the full reconstruction's rows: removing a teacher
+    costs nothing but its rows.
+    """
+    if codec.dec_w.shape[0] != sum(blocks):
+        raise AmalgamError(f"the decoder reconstructs {codec.dec_w.shape[0]} channels, the teacher blocks sum to {sum(blocks)}")
+    rows = block_rows(blocks, keep)
+    return codec.dec_w.double()[rows], codec.dec_b.double()[rows]
+
+
+def _blockdiag(*mats: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*[m.double() for m in mats])
+
+
+@dataclass
+class CodeStep:
+    """One amalgamation step whose old teachers come from a stored compact code.
+
+    Its pass sees ``y = [code | new teachers' features]``; the step amalgamates
+    ``z = A y + a`` (``blocks`` are z's balancing blocks) and the teachers' features are
+    ``G z + g`` (``teacher_blocks`` per teacher, kept old ones first, then the new ones;
+    ``G`` is None when the stored code has no decoder to teacher features).
+    """
+
+    a_w: torch.Tensor
+    a_b: torch.Tensor
+    blocks: list[int]
+    g_w: torch.Tensor | None
+    g_b: torch.Tensor | None
+    teacher_blocks: list[int] | None
+
+    def stats(self, y_stats: TapStats) -> TapStats:
+        """The statistics of z, exact, from those of y (old-old, old-new and new-new Gram blocks at once)."""
+        return affine_stats(y_stats, self.a_w, self.a_b, self.blocks)
+
+    def input_codec(self, codec: LinearCodec) -> LinearCodec:
+        """``codec`` (fitted on z) as a codec on y, for the pass that writes the codes: it encodes y
+        exactly as ``codec`` encodes ``A y + a``; its decoder reconstructs the teachers' features
+        (z itself when there is no decoder to teachers), so a later step can read this code as
+        this step read the previous one."""
+        e = codec.enc_w.double()
+        enc_w, enc_b = e @ self.a_w, e @ self.a_b + codec.enc_b.double()
+        dec_w, dec_b = codec.dec_w.double(), codec.dec_b.double()
+        if self.g_w is not None:
+            dec_w, dec_b = self.g_w @ dec_w, self.g_w @ dec_b + self.g_b
+        return LinearCodec(enc_w, enc_b, dec_w, dec_b, codec.kind)
+
+
+def code_step(y_stats: TapStats, strategy: Literal["dfa", "ifa"], balance: bool,
+              decoder: LinearCodec | None = None, old_blocks: list[int] | None = None,
+              keep: list[int] | None = None) -> CodeStep:
+    """The step over ``y = [code | new teachers]`` (``y_stats.blocks``: code width, then each new teacher).
+
+    ``decoder`` decodes the code to the old teachers' concatenated features (``old_blocks``
+    per teacher); ``keep`` are the old teachers still in the zoo (default: all).
+
+    * ``ifa``, no old teacher dropped: z = y, the code is one block (the plain IFA step).
+    * ``ifa``, some dropped: the previous code becomes the kept teachers' reconstruction
+      ``D_K c + m_K`` (each teacher scaled to unit total variance when balancing, as the
+      champion's own code is balanced inside), one block, in an orthonormal basis of its span.
+    * ``dfa``: z = [each kept teacher's reconstruction | each new teacher], every teacher its
+      own block: one auto-encoder over all teachers, the old ones' Gram blocks (with each
+      other and with the new teachers) read off the statistics of y.
+    """
+    w, new = y_stats.blocks[0], list(y_stats.blocks[1:])
+    n_new = sum(new)
+    eye = torch.eye(n_new, dtype=torch.float64)
+    if decoder is None:
+        if strategy == "dfa" or keep is not None:
+            raise AmalgamError("without a decoder to the old teachers' features, only an IFA step that keeps them all")
+        return CodeStep(torch.eye(w + n_new, dtype=torch.float64), torch.zeros(w + n_new, dtype=torch.float64),
+                        list(y_stats.blocks), None, None, None)
+    if decoder.dec_w.shape[1] != w:
+        raise AmalgamError(f"the decoder reads a code of width {decoder.dec_w.shape[1]}, the pass's code has {w}")
+    old_blocks = list(old_blocks or [])
+    keep = list(range(len(old_blocks))) if keep is None else list(keep)
+    kept_blocks = [old_blocks[i] for i in keep]
+    d, m = restrict_decoder(decoder, old_blocks, keep)
+    if strategy == "ifa" and len(keep) == len(old_blocks):
+        a_w, a_b = torch.eye(w + n_new, dtype=torch.float64), torch.zeros(w + n_new, dtype=torch.float64)
+        g_w = _blockdiag(decoder.dec_w, eye)
+        g_b = torch.cat([decoder.dec_b.double(), torch.zeros(n_new, dtype=torch.float64)])
+        return CodeStep(a_w, a_b, list(y_stats.blocks), g_w, g_b, old_blocks + new)
+    if not kept_blocks and not new:
+        raise AmalgamError("no teacher left to amalgamate")
+    zeros_new = torch.zeros(n_new, dtype=torch.float64)
+    if strategy == "dfa":
+        a_w, a_b = _blockdiag(d, eye), torch.cat([m, zeros_new])
+        g = torch.eye(a_w.shape[0], dtype=torch.float64)
+        return CodeStep(a_w, a_b, kept_blocks + new, g, torch.zeros(a_w.shape[0], dtype=torch.float64),
+                        kept_blocks + new)
+    # IFA with teachers dropped: the kept teachers' reconstruction D_K c + m_K, each teacher scaled
+    # to unit total variance when balancing. It lies in the column space of (scaled) D_K, at most
+    # the code's width: expressed in an orthonormal basis Q of it (an isometry, so the centred
+    # PCA is the same), the block is no wider than the code however many channels the teachers have.
+    scale = torch.ones(d.shape[0], dtype=torch.float64)
+    if balance:
+        cov_c = y_stats.cov()[:w, :w]
+        start = 0
+        for b in kept_blocks:
+            s = slice(start, start + b)
+            scale[s] = 1.0 / torch.einsum("ic,cd,id->", d[s], cov_c, d[s]).clamp_min(1e-12).sqrt()
+            start += b
+    ds = d * scale[:, None]
+    q = torch.linalg.qr(ds)[0] if kept_blocks else torch.zeros(0, 0, dtype=torch.float64)
+    a_w = _blockdiag(q.T @ ds if kept_blocks else torch.zeros(0, w, dtype=torch.float64), eye)
+    g_w = _blockdiag(q / scale[:, None], eye)
+    g_b = torch.cat([m, zeros_new])
+    blocks = ([q.shape[1]] if kept_blocks else []) + new
+    return CodeStep(a_w, torch.zeros(a_w.shape[0], dtype=torch.float64), blocks, g_w, g_b, kept_blocks + new)
 
 
 class SGDCodecTrainer:

@@ -4,6 +4,10 @@
 ``kd``   minimises KL(softmax(t / T) || softmax(s / T)) * T^2 on the concatenated,
          calibrated teacher logits (Hinton-style distillation over the union of classes).
 
+Optionally (``features``, job field ``joint.feature_weight``) the loss adds the
+compact-feature terms: the student's hidden taps against the amalgamated codes, through
+the fold (:mod:`amalgam.engine.features`).
+
 The same function trains the baselines (multi-teacher KD from scratch, the supervised
 student), so every method gets the same data, student size and budget.
 """
@@ -19,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amalgam.data.datasets import to_float
+from amalgam.engine.features import FeatureTerm, feature_loss, student_capture
 
 Loss = Literal["mse", "kd", "ce"]
 
@@ -64,26 +69,38 @@ def train_end_to_end(
     log: Callable[[str], None] = print,
     epoch_end: Callable[[int, float], None] | None = None,
     freeze_batchnorm: bool = False,
+    features: FeatureTerm | None = None,
 ) -> list[float]:
     """Train ``model`` (images in [0, 1] -> logits) on uint8 ``images`` against ``targets``.
 
-    Returns the mean loss per epoch. ``epoch_end(epoch, loss)`` lets a caller report
-    (for example to Ray Tune) after every epoch.
+    Returns the mean loss per epoch (with ``features``: the distillation loss plus
+    ``features.weight`` times the feature loss). ``epoch_end(epoch, loss)`` lets a caller
+    report (for example to Ray Tune) after every epoch.
     """
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(images) / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15)
     curve = []
+    capture = student_capture(model, list(features.targets)) if features is not None and features.weight > 0 else None
     for epoch in range(epochs):
         set_train_mode(model, freeze_batchnorm)
         order = torch.randperm(len(images), generator=gen)
-        total, n = 0.0, 0
+        total, feat_total, n = 0.0, 0.0, 0
         bar = tqdm(range(0, len(order), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
         for i in bar:
             idx = order[i : i + batch_size]
-            out = model(to_float(images[idx]))
-            l = distill_loss(out, targets[idx], loss, temperature)
+            if capture is None:
+                out = model(to_float(images[idx]))
+                l = distill_loss(out, targets[idx], loss, temperature)
+            else:
+                with capture:
+                    out, taps = capture.run(model, to_float(images[idx]))
+                with torch.no_grad():
+                    codes = features.codes(idx)
+                fl = feature_loss(taps, codes, features.targets)
+                l = distill_loss(out, targets[idx], loss, temperature) + features.weight * fl
+                feat_total += fl.item()
             opt.zero_grad(set_to_none=True)
             l.backward()
             opt.step()
@@ -92,7 +109,8 @@ def train_end_to_end(
             n += 1
         bar.close()
         curve.append(total / max(1, n))
-        log(f"[{desc}] epoch {epoch + 1}/{epochs}: loss {curve[-1]:.4f}")
+        extra = f" (feature loss {feat_total / max(1, n):.4f})" if capture is not None else ""
+        log(f"[{desc}] epoch {epoch + 1}/{epochs}: loss {curve[-1]:.4f}{extra}")
         if epoch_end is not None:
             epoch_end(epoch, curve[-1])
     model.eval()

@@ -40,6 +40,7 @@ from amalgam.engine.evaluate import (
     predict_logits,
 )
 from amalgam.engine.gating import fit_gate, gate_and_target, gated_targets
+from amalgam.engine.features import FeatureTerm, feature_targets
 from amalgam.engine.joint import train_end_to_end
 from amalgam.engine.report import MethodResult, format_table, write_report
 from amalgam.errors import AmalgamError
@@ -194,6 +195,29 @@ class OnlineSource:
 
         return counted
 
+    def joint_codes(self, codecs: dict[str, LinearCodec]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+        """Compact codes of pool rows for the joint stage's feature terms (teachers run on them)."""
+
+        def codes(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            self.teacher_forwards += len(rows) * len(self.teachers)
+            _, feats = capture_teachers(self.teachers, to_float(self.pool.images[rows]))
+            with torch.no_grad():
+                return {tap: c.encode(torch.cat([f[tap] for f in feats], 1)) for tap, c in codecs.items()}
+
+        return codes
+
+
+def check_feature_source(job: Job, source) -> None:
+    """Refuse ``joint.feature_weight > 0`` where the source cannot give the joint stage each sample's codes.
+
+    The store path's joint stage (Ray Train DDP) streams images only: reading every sample's
+    codes there (~100 KB a row at stored widths for mnist-fashion-4, vs ~1 KB for the image)
+    is not wired yet. Refused before any extraction, rather than silently ignored."""
+    if job.joint.feature_weight > 0 and job.joint.epochs and not hasattr(source, "joint_codes"):
+        raise AmalgamError(f"job {job.name}: field joint.feature_weight: the feature terms are not wired into the "
+                           f"{getattr(source, 'name', type(source).__name__)} joint stage; run it with --local "
+                           "or set it to 0")
+
 
 def joint_targets(job: Job, images: torch.Tensor, raw_logits: torch.Tensor, calibrated: torch.Tensor,
                   space: ClassSpace, input_spec: InputSpec, log: Log = print,
@@ -280,6 +304,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     # 1-2. statistics, logits, calibration
     t0 = time.perf_counter()
     source = (source_factory or OnlineSource)(job, teachers, pool, log)
+    check_feature_source(job, source)
     with phase("extract"):
         tp = source.teacher_pass()
     calib: Calibration = fit_calibration(tp.logits, space.blocks, job.calibration)
@@ -340,6 +365,13 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
 
     # 5. joint stage (optionally against gated, mixture-of-experts targets)
     joint_target, gate = joint_targets(job, pool.images, tp.logits, calibrated, space, s_spec, log)
+    features = None
+    if job.joint.feature_weight > 0 and job.joint.epochs:
+        # The folded student's tap l is FAM_{l+1}(layer l): its target is FAM_{l+1}(F_a^l) (engine/features.py).
+        features = FeatureTerm(job.joint.feature_weight,
+                               feature_targets(skeleton.unit_names, {n: net.fam for n, net in nets.items()}, codecs,
+                                               tp.stats),
+                               source.joint_codes(codecs))
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
             joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end)
@@ -347,7 +379,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
             joint_curve = train_end_to_end(
                 student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
                 job.joint.batch_size, job.joint.temperature, job.seed, "joint", log, freeze_batchnorm=True,
-                epoch_end=(lambda e, loss: epoch_end("joint", e, loss)) if epoch_end else None,
+                epoch_end=(lambda e, loss: epoch_end("joint", e, loss)) if epoch_end else None, features=features,
             ) if job.joint.epochs else []
     evaluate_phase = phase("evaluate")
     evaluate_phase.__enter__()

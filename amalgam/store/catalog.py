@@ -1,7 +1,7 @@
 """What a store holds: committed datasets, fitted codecs, and uncommitted leftovers.
 
-Only the store's own layout is looked at (``outputs/<zoo>/<pool>``, ``codes/<codec>/<pool>``,
-``codecs/<codec>``): anything else under the root belongs to someone else and is never
+Only the store's own layout is looked at (``outputs/<zoo>/<pool>``, ``taps/<zoo>/<pool>`` (raw
+taps, mode sgd), ``codes/<codec>/<pool>``, ``codecs/<codec>``): anything else under the root belongs to someone else and is never
 listed as garbage, let alone deleted. An entry is committed when its commit object exists
 (``manifest.json`` for a dataset, ``codecs.json`` for codecs; both are written last), so
 an uncommitted entry is exactly the leftover of an interrupted write, or one in progress:
@@ -20,13 +20,14 @@ from amalgam.store.dataset import MANIFEST, Dataset
 from amalgam.store.location import StoreLocation
 
 # top-level directory -> (components in a key, the object whose presence commits an entry)
-LAYOUT: dict[str, tuple[int, str]] = {"outputs": (3, MANIFEST), "codes": (3, MANIFEST), "codecs": (2, "codecs.json")}
+LAYOUT: dict[str, tuple[int, str]] = {"outputs": (3, MANIFEST), "taps": (3, MANIFEST), "codes": (3, MANIFEST),
+                                     "codecs": (2, "codecs.json")}
 
 
 @dataclass
 class Entry:
     key: str
-    kind: str  # outputs | codes | codecs
+    kind: str  # outputs | taps | codes | codecs
     committed: bool = False
     bytes: int = 0
     files: int = 0

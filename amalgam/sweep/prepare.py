@@ -86,6 +86,11 @@ def prepare(job: Job, address: str | None, log: Log = print) -> SweepSetup:
             f"job {job.name}: field amalgamation: a sweep needs mode pca with strategy dfa (every width a prefix "
             f"of one basis); got {job.amalgamation.mode}/{job.amalgamation.strategy}"
         )
+    if job.joint.feature_weight > 0 and job.joint.epochs:
+        from amalgam.errors import AmalgamError
+
+        raise AmalgamError(f"job {job.name}: field joint.feature_weight: a sweep trains from the store, where the "
+                           "joint stage has no feature terms yet; set it to 0 (or run the job with --local)")
     before = counters.snapshot()
     manifest, teachers = load_zoo(job.zoo_path())
     space = manifest.class_space()
