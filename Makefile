@@ -29,7 +29,7 @@ demo: data
 	$(BIN)/amalgam run jobs/mnist-fashion-4.yaml --out runs/demo
 
 test: data
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 clean-venv:
 	rm -rf $(VENV)
