@@ -98,6 +98,16 @@ def store_train_storage(store_uri: str, s3: dict | None, rel: str) -> TrainStora
     return TrainStorage(loc.path(rel), loc.uri_of(rel), EnvS3FileSystem(loc.uri, s3))
 
 
+def use_worker_cpus(threads: int) -> None:
+    """Keep a Ray Train worker to the CPUs it was given: torch's intra-op threads and pyarrow's
+    CPU pool (Parquet decoding, zstd) both default to every core of the node, so a 1-CPU worker
+    reading codes would decode on all of them, and workers side by side would fight over them."""
+    import pyarrow as pa
+
+    torch.set_num_threads(threads)
+    pa.set_cpu_count(threads)
+
+
 GpuSetting = Union[float, Literal["auto"]]
 
 

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from amalgam.distributed.runs import TrainStorage, fit_trainer
+from amalgam.distributed.runs import TrainStorage, fit_trainer, use_worker_cpus
 from amalgam.distributed.train_stages import assign_stages
 from amalgam.engine.amalgamate import LinearCodec, SGDCodecTrainer, TapStats
 from amalgam.store.codecs import FIELDS
@@ -111,7 +111,7 @@ def codec_worker(config: dict) -> None:
 
     job: CodecJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(job.threads)
+    use_worker_cpus(job.threads)
     mine = job.assignment[rank] if rank < len(job.assignment) else []
     device = ray.train.torch.get_device()
     trainers = {tap: SGDCodecTrainer(TapStats.from_state_dict(job.stats[tap]), job.widths[tap], job.balance, job.lr,

@@ -18,7 +18,7 @@ import torch
 
 from amalgam.engine.joint import distill_loss, set_train_mode
 from amalgam.student_io import DeployedStudent
-from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault
+from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault, use_worker_cpus
 from amalgam.zoo.arch import build_net, config_from_dict
 from amalgam.zoo.manifest import InputSpec
 
@@ -52,7 +52,7 @@ def joint_worker(config: dict) -> None:
     job: JointJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(job.threads)
+    use_worker_cpus(job.threads)
     torch.manual_seed(job.seed)
     model = DeployedStudent(build_net(config_from_dict(job.student_config)), InputSpec(**job.input_spec))
     model.load_state_dict(job.initial)

@@ -36,7 +36,7 @@ from amalgam.engine.stages import (
     stage_input,
 )
 from amalgam.engine.student import build_student
-from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault
+from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault, use_worker_cpus
 from amalgam.zoo.arch import config_from_dict
 from amalgam.zoo.manifest import InputSpec, Normalize
 
@@ -104,7 +104,7 @@ def stage_worker(config: dict) -> None:
 
     job: StageJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(job.threads)
+    use_worker_cpus(job.threads)
     torch.manual_seed(job.seed)
     mine = set(job.assignment[rank]) if rank < len(job.assignment) else set()
     skeleton = build_student(config_from_dict(job.student_config))
