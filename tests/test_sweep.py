@@ -203,6 +203,14 @@ def test_sweep_resumes_after_a_kill_stops_early_and_runs_no_teacher(workdir: Pat
     summary = json.loads((out / "sweep.json").read_text())
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["status"] != "error" for t in trials)
+    # max_concurrent 1 is honoured: no two trials' reports interleave in time (Tune ignored the
+    # limit once, trials ran side by side and ASHA judged them against nothing).
+    spans = []
+    for p in (out / "tune").glob("*/result.json"):
+        stamps = [json.loads(line)["timestamp"] for line in p.read_text().splitlines() if line.strip()]
+        spans.append((min(stamps), max(stamps), p.parent.name))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"trials overlapped: {spans}"
     assert sum(t["status"] == "stopped early" for t in trials) >= 1  # ASHA at work
     assert all(t["teacher_forwards"] == 0 and t["autoencoder_fits"] == 0 for t in trials)
     counts = summary["counts"]

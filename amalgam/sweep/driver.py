@@ -84,7 +84,10 @@ def _tuner(job: Job, setup: SweepSetup, out: StoreLocation, max_concurrent: int)
         param_space=param_space(job),
         tune_config=tune.TuneConfig(
             metric="objective", mode="max", num_samples=sweep.trials, scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=sweep.seed), max_concurrent_trials=max_concurrent,
+            # The limit goes to the generator itself: Tune ignores max_concurrent_trials (with
+            # only a log warning) when search_alg is a BasicVariantGenerator, so every trial
+            # ran at once and ASHA compared trials that had not reported yet.
+            search_alg=BasicVariantGenerator(random_state=sweep.seed, max_concurrent=max_concurrent),
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage, verbose=1),
     )
