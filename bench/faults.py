@@ -49,8 +49,8 @@ from tests.robustness.test_bad_inputs import (  # noqa: E402  (needs ROOT on sys
 # Fault class -> pytest node ids (a file means every test in it).
 FAULT_CLASSES: dict[str, list[str]] = {
     "worker loss": [
+        # a stage worker and a DDP joint worker killed in their third epochs, in one run
         "tests/test_ray_pipeline.py::test_ray_stages_match_in_process_stages_and_survive_a_killed_worker",
-        "tests/test_ray_pipeline.py::test_joint_stage_survives_a_killed_ddp_worker",
         # a stage worker and a DDP worker killed in epoch 1 or 2 of each: final accuracy within 0.5 points
         "tests/robustness/test_driver_loss.py::test_killed_workers_finish_from_checkpoints_within_half_a_point",
     ],
