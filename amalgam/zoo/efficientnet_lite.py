@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from amalgam.zoo.resnet import _write_conv_bn, fold_affine_into_conv_bn
+from amalgam.zoo.resnet import ConvBNUnit, fold_affine_into_conv_bn
 from amalgam.zoo.taps import TapInfo
 
 # Lite0's block table (efficientnet_lite_builder.py): r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24,
@@ -205,7 +205,7 @@ def _bn(c: int, eps: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, eps=eps, momentum=0.1)
 
 
-class ConvBN(nn.Module):
+class ConvBN(ConvBNUnit):
     """conv + BN, returning the BN output (the stem and ``conv_head`` units).
 
     ``padded_input``: the input is already padded (the stem: its ``pre`` is :class:`SamePad`),
@@ -216,28 +216,6 @@ class ConvBN(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, stride, bias=False) if padded_input else SameConv2d(cin, cout, k, stride)
         self.bn = _bn(cout, eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
-
-    def fold_output_affine(self, a: torch.Tensor, c: torch.Tensor) -> None:
-        """In place: the output ``z`` becomes ``A z + c`` (exact in eval mode)."""
-        fold_affine_into_conv_bn(self.conv, self.bn, a, c)
-
-    def affine_layer(self) -> nn.Conv2d:
-        """The conv whose input patches a closed-form (least-squares) fit of this unit uses."""
-        return self.conv
-
-    @torch.no_grad()
-    def load_affine(self, w: torch.Tensor, b: torch.Tensor) -> None:
-        """Become exactly ``x -> conv_w(x) + b`` (BN with unit statistics carries ``b``)."""
-        _write_conv_bn(self.conv, self.bn, w.double(), b.double())
-
-    @torch.no_grad()
-    def init_output_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Start with the output's per-channel mean/std at ``mean``/``std`` (BN's affine)."""
-        self.bn.weight.copy_(std)
-        self.bn.bias.copy_(mean)
 
 
 class MBConv(nn.Module):

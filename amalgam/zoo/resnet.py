@@ -138,11 +138,13 @@ class Block(nn.Module):
         return y + (h if self.downsample is None else self.downsample(h))
 
 
-class Stem(nn.Module):
-    def __init__(self, cin: int, cout: int, kind: str):
-        super().__init__()
-        k, s = (7, 2) if kind == "imagenet" else (3, 1)
-        self.conv, self.bn = _conv_bn(cin, cout, k, s)
+class ConvBNUnit(nn.Module):
+    """A unit that is one conv followed by BN (``self.conv``, ``self.bn``), tapped at the BN output:
+    the ResNet stem here, EfficientNet-Lite's stem and ``conv_head``. Everything the engine asks of
+    a unit (fold, closed-form fit, output-statistics init) is the same for all of them."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
@@ -165,6 +167,13 @@ class Stem(nn.Module):
         """Start with the output's per-channel mean/std at ``mean``/``std`` (BN's affine)."""
         self.bn.weight.copy_(std)
         self.bn.bias.copy_(mean)
+
+
+class Stem(ConvBNUnit):
+    def __init__(self, cin: int, cout: int, kind: str):
+        super().__init__()
+        k, s = (7, 2) if kind == "imagenet" else (3, 1)
+        self.conv, self.bn = _conv_bn(cin, cout, k, s)
 
 
 class Stage(nn.Sequential):
