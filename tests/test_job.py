@@ -180,6 +180,17 @@ def test_validate_bad_job_is_exit_2_naming_the_field(tmp_path, capsys):
     assert err.count("\n") == 1 and f"{job}: field stages.epochs: " in err
 
 
+def test_validate_expands_the_store_uri_like_run(tmp_path, capsys, monkeypatch):
+    """`store.uri: $VAR` is expanded by validate too: a variable holding credentials is refused
+    before any run (it used to pass validate and fail only at `amalgam run`)."""
+    monkeypatch.setenv("AMALGAM_TEST_STORE", "s3://AKIAEXAMPLE:notasecret@bucket/prefix")
+    job = _write(tmp_path / "job.yaml", _with(store={"uri": "$AMALGAM_TEST_STORE"}))
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{job}: field store.uri: $AMALGAM_TEST_STORE expands to a URI with credentials" in err
+    assert "notasecret" not in err
+
+
 def test_validate_refuses_teachers_of_different_topologies(tmp_path, capsys):
     make_tiny_zoo(tmp_path / "zoo", [("a", ["mnist/0", "mnist/1"], [4, 8]), ("b", ["mnist/3", "mnist/4"], [6, 8, 8])])
     job = _write(tmp_path / "job.yaml", MINIMAL)

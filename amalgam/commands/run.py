@@ -14,6 +14,7 @@ def _validate(args: argparse.Namespace) -> None:
     from amalgam.job import load_job
 
     job = load_job(args.job)  # before importing torch: a bad job file is reported at once
+    job.store_uri()  # `uri: $VAR` expands as `amalgam run` will expand it: one naming credentials is refused now
 
     from amalgam.data.pool import check_sources
     from amalgam.engine.student import common_topology
