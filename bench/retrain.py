@@ -23,10 +23,22 @@ features = teacher passes + auto-encoder fit, training = stages + joint; the tra
 budget is the same for both, so only the features part can differ by more than noise).
 Then the issue's two targets, side by side from this one run: teacher forwards of the
 incremental step (only the added teacher, not all N+1) and its wall time against the full
-retrain from an empty store (3.), target <= 0.5x, with the verdict.
+retrain from an empty store (3.), target <= 0.5x, with the verdict, and F/T: the full
+retrain's features time over its training time. With the incremental features part about
+F/4 (one teacher of four) and the same training T, <= 0.5x needs F >= 2T (plus the fixed
+evaluation and start-up costs on both sides): large teachers, a small student.
+
+``--teacher-scale K`` makes every teacher of the zoo K x wider (every hidden layer; random
+weights, which cost the same as trained ones: ``scaled_zoo`` of ``bench/pipeline.py``), so
+its passes cost about K^2 x more, while the student's per-tap widths stay pinned to the
+absolute widths the K=1 grown zoo gives (``amalgamation.widths`` as ints: 0.4 of the K=1
+concatenation of all N+1 teachers, for every K and every job: a retrain steps only from a
+champion with the same amalgamation section), so the training cost T does not grow with
+the teachers. At K > 1 the accuracy and fidelity figures are meaningless (random
+teachers); only the timings and forwards count.
 
     .venv/bin/python bench/retrain.py [--pool 4000] [--test 4000] [--stage-epochs 3] [--joint-epochs 2]
-                                      [--strategy both|ifa|dfa] [--keep]
+                                      [--strategy both|ifa|dfa] [--teacher-scale 1] [--keep]
 """
 
 from __future__ import annotations
@@ -60,12 +72,26 @@ def sub_zoo(src: Path, out: Path, names: list[str]) -> Path:
     return out / "zoo.yaml"
 
 
-def job_file(path: Path, zoo: Path, store: Path, args, strategy: str = "dfa") -> Path:
+WIDTH_RATIO = 0.4  # of the K=1 zoo's concatenated channels per tap, as the demo job's default
+
+
+def pinned_widths(base_zoo: Path, names: list[str]) -> dict[str, int]:
+    """Absolute per-tap widths: ``WIDTH_RATIO`` of the concatenation of ``names``' taps in the K=1 zoo
+    (what ``{"default": 0.4}`` resolves to there), so a K x wider zoo trains the same student."""
+    manifest = read_manifest(base_zoo)
+    entries = [t for t in manifest.teachers if t.name in names]
+    taps = [tap.name for tap in entries[0].taps][:-1]  # all but the head, as the passes amalgamate
+    return {tap: max(1, round(WIDTH_RATIO * sum({x.name: x.channels for x in e.taps}[tap] for e in entries)))
+            for tap in taps}
+
+
+def job_file(path: Path, zoo: Path, store: Path, args, strategy: str = "dfa", widths: dict[str, int] | None = None
+             ) -> Path:
     half = args.pool // 2
     raw = {
         "version": 1, "name": "bench-retrain", "zoo": str(zoo),
         "pool": {"sources": [{"dataset": "mnist", "count": half}, {"dataset": "fashion", "count": args.pool - half}]},
-        "amalgamation": {"widths": {"default": 0.4}, "strategy": strategy},
+        "amalgamation": {"widths": widths or {"default": WIDTH_RATIO}, "strategy": strategy},
         "stages": {"epochs": args.stage_epochs, "lr": 0.01, "workers": 2},
         "joint": {"epochs": args.joint_epochs},
         "baselines": {"kd": False, "supervised": False},
@@ -113,10 +139,17 @@ def targets(ifa, dfa, t_ifa: float, t_dfa: float, rows, n_teachers: int) -> dict
           f"{ratio:.2f}x. Target <= 0.50x: {'met' if ok else 'NOT met'}"
           f" (features {feat_ifa:.0f} s vs {feat_dfa:.0f} s = {feat_ifa / max(feat_dfa, 1e-9):.2f}x; the training "
           f"part, the same budget in both, {rows[0][6]['training']:.0f} s vs {rows[-1][6]['training']:.0f} s)")
+    f_full, t_full = rows[-1][6]["features"], rows[-1][6]["training"]
+    print(f"- F/T (full retrain: features {f_full:.0f} s / training {t_full:.0f} s) = "
+          f"{f_full / max(t_full, 1e-9):.2f}; "
+          f"<= 0.5x needs about F >= 2T (incremental features ~F/4, the same T, plus the fixed rest: evaluation "
+          f"and start-up, {rows[0][5] - rows[0][6]['features'] - rows[0][6]['training']:.0f} s vs "
+          f"{rows[-1][5] - rows[-1][6]['features'] - rows[-1][6]['training']:.0f} s here)")
     return {"forwards_incremental": fw_ifa, "forwards_full": fw_dfa, "teachers_run_incremental": ran_ifa,
             "teachers_run_full": ran_dfa, "wall_incremental_s": round(t_ifa, 1), "wall_full_s": round(t_dfa, 1),
             "wall_ratio": round(ratio, 3), "wall_target_met": ok,
-            "features_ratio": round(feat_ifa / max(feat_dfa, 1e-9), 3)}
+            "features_ratio": round(feat_ifa / max(feat_dfa, 1e-9), 3),
+            "f_over_t": round(rows[-1][6]["features"] / max(rows[-1][6]["training"], 1e-9), 3)}
 
 
 def main() -> None:
@@ -128,9 +161,13 @@ def main() -> None:
     p.add_argument("--strategy", choices=["both", "ifa", "dfa"], default="both",
                    help="the incremental step's amalgamation (both: each, from copies of the champion's store)")
     p.add_argument("--zoo", default=str(amalgam_home() / "zoos" / "mnist-fashion-4" / "zoo.yaml"))
+    p.add_argument("--teacher-scale", type=int, default=1, metavar="K",
+                   help="every teacher K x wider (random weights: timings only); student widths stay the K=1 ones")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    if args.teacher_scale < 1:
+        p.error(f"--teacher-scale must be >= 1, got {args.teacher_scale}")
     torch.set_num_threads(2)
 
     work = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
@@ -144,12 +181,24 @@ def main() -> None:
     manifest, _ = load_zoo(zoo)  # verify before anything
     names = [t.name for t in manifest.teachers]
     old, added = names[:-1], names[-1]
-    print(f"[bench] zoo {manifest.name}: champion on {', '.join(old)}; then + {added}")
+    # One table for every job: retrain steps only from a champion of the same amalgamation section.
+    # The grown zoo's: the student the full retrain trains at K=1 (the champion's code is as wide).
+    widths = pinned_widths(zoo, names)
+    base_zoo = zoo
+    if args.teacher_scale > 1:
+        from bench.pipeline import scaled_zoo
+
+        zoo = scaled_zoo(zoo, work / f"zoo-x{args.teacher_scale}", args.teacher_scale)
+        manifest, _ = load_zoo(zoo)
+        print(f"[bench] --teacher-scale {args.teacher_scale}: every teacher {args.teacher_scale}x wider, RANDOM "
+              f"weights: accuracy and fidelity figures below are meaningless, only timings and forwards count")
+    print(f"[bench] zoo {manifest.name}: champion on {', '.join(old)}; then + {added}; student widths pinned to the "
+          f"K=1 grown zoo's ({base_zoo.parent.name}), for every job: {widths}")
     small = sub_zoo(zoo, work / "zoo-small", old)
     grown = sub_zoo(zoo, work / "zoo-grown", names)
 
-    j_small = job_file(work / "small.yaml", small, work / "store", args)
-    j_dfa = job_file(work / "dfa.yaml", grown, work / "store-dfa", args)
+    j_small = job_file(work / "small.yaml", small, work / "store", args, widths=widths)
+    j_dfa = job_file(work / "dfa.yaml", grown, work / "store-dfa", args, widths=widths)
     quiet = not args.verbose
     champ, t_champ = run(j_small, work / "runs" / "champion", quiet)
     print(f"[bench] champion v{champ.version}: {champ.mode}, {t_champ:.0f}s, {champ.teacher_forwards} teacher forwards")
@@ -159,10 +208,12 @@ def main() -> None:
     for strat in strategies:
         store = work / f"store-{strat}-step"
         shutil.copytree(work / "store", store)  # the same champion for each step
-        o, secs = run(job_file(work / f"{strat}-step.yaml", grown, store, args, strat), work / "runs" / f"{strat}-step",
-                      quiet)
+        o, secs = run(job_file(work / f"{strat}-step.yaml", grown, store, args, strat, widths),
+                      work / "runs" / f"{strat}-step", quiet)
         print(f"[bench] {strat.upper()} step v{o.version}: {o.mode} ({o.report['amalgamation']['done']}), {secs:.0f}s; "
               f"{'promoted' if o.promoted else 'rejected'}: {o.decision}")
+        if o.mode != "incremental":  # the comparison would be two full runs
+            raise SystemExit(f"[bench] the {strat.upper()} step ran a full amalgamation, not a step: {o.reason}")
         runs.append((labels[strat], o, secs))
     ifa, t_ifa = runs[0][1], runs[0][2]
     dfa, t_dfa = run(j_dfa, work / "runs" / "dfa", quiet)
@@ -179,7 +230,9 @@ def main() -> None:
     print()
     print(f"pool {args.pool} ({ifa.report['train_images']} trained on, {ifa.report['holdout_images']} held out), "
           f"test {args.test}, stages {args.stage_epochs} epochs, joint {args.joint_epochs} epochs, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, teachers x{args.teacher_scale} wide"
+          + (" (random weights: accuracy/fidelity meaningless, timings and forwards only)" if args.teacher_scale > 1
+             else ""))
     header = ["method", "comprehensive", *(f"task-aware {n}" for n in names), *(f"fidelity {n}" for n in names),
               "teacher forwards (extract + held-out)", "wall s", "features s", "training s"]
     print("| " + " | ".join(header) + " |")
