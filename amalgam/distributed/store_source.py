@@ -18,6 +18,8 @@ import json
 from typing import Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from amalgam.data.pool import Pool
@@ -201,7 +203,9 @@ class StoreSource:
         """All stages in parallel on Ray Train; loads the trained layers into ``nets``.
         ``epoch_end(stage, epoch, loss)`` is called in this process as the workers' epochs end."""
         from amalgam.distributed.progress import EpochProgress
-        from amalgam.distributed.train_stages import StageJob, assign_stages, fit_stages_on_ray, stage_costs
+        from amalgam.distributed.train_stages import (
+            IMAGE, StageJob, assign_stages, closed_form_stage, fit_stages_on_ray, rank_loads, stage_costs, stage_reads,
+        )
 
         st = self.job.stages
         shapes = {}
@@ -213,14 +217,21 @@ class StoreSource:
                 code = self.codes.manifest.columns
                 shape = next(c.shape for c in code if c.name == f"code.{s.input_tap}")
                 shapes[s.name] = (widths[s.input_tap], *shape[1:])
-        costs = stage_costs(nets, specs, shapes, st.closed_form_first)
+        costs = stage_costs(nets, specs, shapes, st.closed_form_first, st.epochs)
+        stored = {c.name: c for c in self.codes.manifest.columns}
+        bytes_per_sample = {name.removeprefix("code."): _row_bytes(c.shape, c.dtype) for name, c in stored.items()
+                            if name.startswith("code.")}
+        bytes_per_sample[IMAGE] = _row_bytes(stored["image"].shape, stored["image"].dtype)
+        reads, read_costs = stage_reads(specs, closed_form_stage(specs, nets, st.closed_form_first),
+                                        bytes_per_sample, st.epochs)
         workers = min(st.workers, len(specs))
+        assignment = assign_stages(costs, workers, reads, read_costs)
         job = StageJob(
             student_config=config_to_dict(student_config), input_spec=input_spec.model_dump(), specs=specs,
             widths=widths, target_var=target_var, head_targets=head_targets, store_uri=self.job.store_uri(),
             s3=self.job.store.s3.model_dump(), codes_key=self.codes.key, epochs=st.epochs, steps_per_epoch=steps,
             lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
-            assignment=assign_stages(costs, workers), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
+            assignment=assignment, rank_costs=rank_loads(assignment, costs, reads, read_costs), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
         )
         with EpochProgress("stages", epoch_end) as progress:
             states, curves = fit_stages_on_ray(job, self.train_storage(run_dir), workers, st.cpus_per_worker,
@@ -271,6 +282,7 @@ def store_epoch_batches(
     taps: list[str] | None = None,
     with_image: bool = True,
     rows: torch.Tensor | None = None,
+    verified: set[int] | None = None,
 ) -> Callable[[int], Iterator[dict]]:
     """Shuffled batches per epoch (shard order, then rows within a shard), codes cut to ``widths``.
 
@@ -278,29 +290,61 @@ def store_epoch_batches(
     so a Ray Train worker reading only its stages' taps sees exactly the batches the
     driver would: each stage trains identically wherever it runs. ``rows`` (a boolean mask
     over pool indices) keeps only those samples: a sweep holds some out to score trials.
+
+    Each shard's first read in this process is checked against its manifest checksum (the
+    whole file is read and hashed); once a shard is in ``verified`` (pass one set to share it
+    between several of these readers), later epochs read only ``columns``' byte ranges from it:
+    datasets are write-once, and on the demo a checked whole-file read cost a worker ~90 us a
+    row every epoch, more than decoding the taps a small stage needs.
     """
     taps = list(widths) if taps is None else taps
     columns = ["index", *(["image"] if with_image else []), *(f"code.{t}" for t in taps)]
+    verified = set() if verified is None else verified
+
+    def read(i: int) -> pa.Table:
+        shard = codes_ds.manifest.shards[i]
+        if i in verified:
+            return _read_columns(codes_ds, shard, columns)
+        table = codes_ds.read_shard(shard, columns)
+        verified.add(i)
+        return table
 
     def epoch_batches(epoch: int) -> Iterator[dict]:
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(codes_ds.manifest.shards), generator=gen).tolist()
-        for table in codes_ds.iter_shards(columns, order):
-            # np.require copies read-only Arrow buffers: torch must not alias memory it may not write.
-            cols = {n: torch.from_numpy(np.require(column_to_numpy(table.column(n)), requirements="W"))
-                    for n in columns}
+        for i in order:
+            table = read(i)
+            # Arrow's buffers are read-only: each batch is gathered in numpy (a fresh, writable copy)
+            # before torch sees it, rather than copying whole columns first.
+            cols = {n: column_to_numpy(table.column(n)) for n in columns}
+            index = torch.from_numpy(np.array(cols["index"]))
             perm = torch.randperm(table.num_rows, generator=gen)
             if rows is not None:
-                perm = perm[rows[cols["index"][perm]]]
-            for i in range(0, table.num_rows, batch_size):
-                p = perm[i : i + batch_size]
+                perm = perm[rows[index[perm]]]
+            for j in range(0, len(perm), batch_size):  # with ``rows``, fewer than num_rows: no empty batches
+                p = perm[j : j + batch_size]
+                q = p.numpy()
                 with torch.no_grad():
-                    batch_codes = {t: cols[f"code.{t}"][p, : widths[t]].float() for t in taps}
-                    batch_codes["head"] = head_targets[cols["index"][p]]
-                    image = student_norm(cols["image"][p].float().div_(255.0)) if with_image else None
+                    batch_codes = {t: torch.from_numpy(cols[f"code.{t}"][q, : widths[t]]).float() for t in taps}
+                    batch_codes["head"] = head_targets[index[p]]
+                    image = student_norm(torch.from_numpy(cols["image"][q]).float().div_(255.0)) if with_image else None
                 yield {"image": image, "codes": batch_codes}
 
     return epoch_batches
+
+
+def _read_columns(ds: Dataset, shard, columns: list[str]) -> pa.Table:
+    """Only ``columns`` of an already verified shard: Parquet reads just their byte ranges."""
+    try:
+        return ds.loc.retry(ds.shard_uri(shard), lambda: pq.read_table(
+            ds.loc.path(f"{ds.key}/{shard.file}"), columns=columns, filesystem=ds.loc.fs))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise AmalgamError(f"{ds.shard_uri(shard)}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
+
+
+def _row_bytes(shape: list[int], dtype: str) -> float:
+    """Stored bytes of one row of a fixed-shape column (as decoded)."""
+    return float(np.prod(shape, dtype=np.int64)) * pa.type_for_alias(dtype).bit_width / 8
 
 
 def store_source_factory(address: str | None = None):

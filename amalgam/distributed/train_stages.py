@@ -15,7 +15,7 @@ starting over. Every rank reports once per epoch, as Ray Train V2 expects.
 
 from __future__ import annotations
 
-import heapq
+import itertools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,26 +41,134 @@ from amalgam.zoo.arch import config_from_dict
 from amalgam.zoo.manifest import InputSpec, Normalize
 
 
+# The cost model of one stage-fitting worker, per sample, in "MACs": the time of one
+# multiply-accumulate inside an SGD step (forward, backward and Adam together: 0.024 ns at
+# 1 thread here). Fitted 2026-11-26 to the demo job's stages (30 000-image pool, 1 thread,
+# batch 128), SGD step per sample: conv2 200 us (1.53 M MACs, 47.6 k activation elements),
+# conv3 259 us (4.01 M, 47.9 k), fc1 95 us (1.00 M, 20.4 k), head 8 us (0.06 M, 1.2 k).
+# MACs alone put conv3 at 2.6x conv2, measured 1.3x: the elementwise work (ReLU, pooling,
+# the 1x1 FAM, their backward) on 28x28 maps is memory-bound and as costly as the convs.
+#: An activation element (input or any module's output, per sample) costs this many MACs a step.
+ELEMENT_MACS = 145.0
+#: One stored byte per sample read from the store and decoded (column-projected Parquet read,
+#: float16 BYTE_STREAM_SPLIT + zstd, batch gather, float32 cast), in MACs: measured 2.8 ns/B
+#: (conv2), 3.1 (conv3), 5.2 (conv1) vs 0.024 ns a MAC, so ~150. A 28x28 13-channel code
+#: (20 KB a sample) thus costs as much to read as ~3 M MACs: reads decide the balance of small
+#: stages, and a tap two stages on a rank share is read once.
+MACS_PER_READ_BYTE = 150.0
+#: The least-squares first stage's normal equations per sample, relative to its MACs (it runs
+#: in epoch 0 only): measured 87 us a sample for the demo's conv1 (0.09 M MACs), ~40 x MACs.
+CLOSED_FORM_MACS_FACTOR = 40.0
+#: Up to this many candidate splits, :func:`assign_stages` tries them all (5 stages on 2
+#: workers are 16); beyond it, a greedy longest-first assignment by marginal cost.
+EXHAUSTIVE_LIMIT = 50_000
+IMAGE = "image"  # the read item of a stage whose input is the image
+
+
+def activation_elements(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Elements per sample of the input and of every leaf module's output (one forward)."""
+    total = 1
+    for d in input_shape:
+        total *= d
+
+    def hook(_m, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel() // out.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return total
+
+
 def stage_costs(nets: dict[str, StageNet], specs: list[StageSpec], input_shapes: dict[str, tuple[int, ...]],
-                closed_form_first: bool) -> dict[str, float]:
-    """Relative cost of one epoch of each stage: its MACs per sample (x3 for backward)."""
+                closed_form_first: bool, epochs: int = 1) -> dict[str, float]:
+    """Compute of each stage over the whole fit, per sample, in MACs (see ``ELEMENT_MACS``):
+    an SGD epoch costs its MACs plus its activation elements' memory-bound work; the
+    closed-form first stage runs once (epoch 0)."""
     costs = {}
     first = closed_form_stage(specs, nets, closed_form_first)
     for s in specs:
-        macs = count_macs(nets[s.name], input_shapes[s.name])
-        closed = s is first
-        costs[s.name] = float(macs) * (1.0 if closed else 3.0)  # closed form: one forward-like pass
+        macs = float(count_macs(nets[s.name], input_shapes[s.name]))
+        if s is first:
+            costs[s.name] = macs * CLOSED_FORM_MACS_FACTOR
+        else:
+            costs[s.name] = (macs + ELEMENT_MACS * activation_elements(nets[s.name], input_shapes[s.name])) * epochs
     return costs
 
 
-def assign_stages(costs: dict[str, float], workers: int) -> list[list[str]]:
-    """Longest-processing-time-first: each stage to the least loaded worker; every stage exactly once."""
-    heap = [(0.0, w) for w in range(workers)]
+def stage_reads(specs: list[StageSpec], first: StageSpec | None, bytes_per_sample: dict[str, float],
+                epochs: int) -> tuple[dict[str, set[str]], dict[str, float]]:
+    """What each stage makes its worker read from the store, as items charged once per worker.
+
+    A worker reads the union of its stages' taps (input and target; ``IMAGE`` for the image),
+    so a tap shared by two of its stages costs once: the items are sets, a rank's read cost
+    is the sum over their union. The closed-form stage reads only in epoch 0, so a tap is two
+    items: ``tap@0`` (the first epoch) and ``tap@rest`` (the other ``epochs - 1``), each costing
+    ``MACS_PER_READ_BYTE`` x its stored bytes per sample (``bytes_per_sample``: full stored
+    width, as decoded; the head's targets are in memory and cost nothing).
+    """
+    reads: dict[str, set[str]] = {}
+    costs: dict[str, float] = {}
+    for s in specs:
+        taps = {t for t in (s.input_tap or IMAGE, s.target_tap) if t != "head"}
+        reads[s.name] = {f"{t}@0" for t in taps} | (set() if s is first else {f"{t}@rest" for t in taps})
+        for t in taps:
+            costs[f"{t}@0"] = MACS_PER_READ_BYTE * bytes_per_sample[t]
+            costs[f"{t}@rest"] = MACS_PER_READ_BYTE * bytes_per_sample[t] * (epochs - 1)
+    return reads, costs
+
+
+def rank_loads(groups: list[list[str]], costs: dict[str, float], reads: dict[str, set[str]] | None = None,
+               read_costs: dict[str, float] | None = None) -> list[tuple[float, float]]:
+    """(compute, read) cost of each rank: its stages' compute, and its union of read items."""
+    out = []
+    for g in groups:
+        items = set().union(*(reads.get(s, set()) for s in g)) if reads else set()
+        out.append((sum(costs[s] for s in g), sum(read_costs[i] for i in items) if read_costs else 0.0))
+    return out
+
+
+def assign_stages(costs: dict[str, float], workers: int, reads: dict[str, set[str]] | None = None,
+                  read_costs: dict[str, float] | None = None) -> list[list[str]]:
+    """Stages to ranks, every stage exactly once, minimising the most loaded rank.
+
+    A rank's load is its stages' compute (``costs``) plus, when ``reads`` is given, the cost of
+    the union of their read items (:func:`stage_reads`): not additive, so with few stages every
+    split is tried (optimal; ties go to the split reading less in all); with many, stages go
+    longest first, each to the rank least loaded after taking it (classic LPT when reads are absent).
+    """
+    names = sorted(costs, key=lambda n: -costs[n])
+    workers = max(1, workers)
+
+    def loads(groups: list[list[str]]) -> list[float]:
+        return [c + r for c, r in rank_loads(groups, costs, reads, read_costs)]
+
+    if names and workers ** (len(names) - 1) <= EXHAUSTIVE_LIMIT:
+        best, best_key = None, None
+        for rest in itertools.product(range(workers), repeat=len(names) - 1):  # the first stage on rank 0: symmetry
+            groups: list[list[str]] = [[] for _ in range(workers)]
+            for name, w in zip(names, (0, *rest)):
+                groups[w].append(name)
+            ls = loads(groups)
+            key = (max(ls), sum(ls))
+            if best_key is None or key < best_key:
+                best, best_key = groups, key
+        return best
     out: list[list[str]] = [[] for _ in range(workers)]
-    for name in sorted(costs, key=lambda n: -costs[n]):
-        load, w = heapq.heappop(heap)
-        out[w].append(name)
-        heapq.heappush(heap, (load + costs[name], w))
+    for name in names:
+        def grown(w: int) -> tuple[float, float]:
+            before = loads([out[w]])[0]
+            after = loads([out[w] + [name]])[0]
+            return after, after - before
+        out[min(range(workers), key=grown)].append(name)
     return out
 
 
@@ -84,6 +192,7 @@ class StageJob:
     seed: int
     closed_form_first: bool
     assignment: list[list[str]]
+    rank_costs: list[tuple[float, float]] | None = None  # the planner's (compute, read) estimate per rank, for the log
     initial: dict[str, dict] | None = None  # the driver's initial stage weights: same start wherever a stage runs
     threads: int = 1
     fail_at: dict | None = None  # fault injection for tests: {"rank", "epoch", "marker"}
@@ -124,6 +233,7 @@ def stage_worker(config: dict) -> None:
         for s in specs if s is not first
     }
     start_epoch = resumed = 0
+    times = {"loop": 0.0, "read": 0.0, "compute": 0.0}  # this rank's seconds in its epochs, for the driver's log
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -133,32 +243,56 @@ def stage_worker(config: dict) -> None:
         if first is not None and "first" in state:
             nets[first.name].load_state_dict(state["first"])
         start_epoch = resumed = state["epoch"] + 1
+        times = state.get("times", times)
         print(f"[stages] rank {rank}: restored {sorted(mine)} from checkpoint after epoch {start_epoch}")
-    taps = sorted({t for s in specs for t in (s.input_tap, s.target_tap) if t and t != "head"})
+    # Read only what each epoch uses: the closed-form stage's image and target in epoch 0 only,
+    # the SGD stages' taps every epoch (a rank left with only the closed form reads nothing after).
     loc = open_store(job.store_uri, S3Options(**job.s3))
     spec_in = InputSpec(**job.input_spec)
-    batches = store_epoch_batches(
-        Dataset.open(loc, job.codes_key), {t: job.widths[t] for t in taps}, job.head_targets,
-        Normalize(spec_in.mean, spec_in.std), job.batch_size, job.seed, taps=taps,
-        with_image=any(s.input_tap is None for s in specs),
-    )
+    codes = Dataset.open(loc, job.codes_key)
+    verified: set[int] = set()  # shards whose checksum this worker checked: later epochs read only their columns
+
+    def batches_for(stages: list[StageSpec]):
+        taps = sorted({t for s in stages for t in (s.input_tap, s.target_tap) if t and t != "head"})
+        return store_epoch_batches(
+            codes, {t: job.widths[t] for t in taps}, job.head_targets, Normalize(spec_in.mean, spec_in.std),
+            job.batch_size, job.seed, taps=taps, with_image=any(s.input_tap is None for s in stages),
+            verified=verified,
+        )
+
+    sgd = [s for s in specs if s is not first]
+    batches_first, batches_rest = batches_for(specs), batches_for(sgd)
     for epoch in range(start_epoch, job.epochs):
         lstsq = LstsqStats()
         t0 = time.perf_counter()
-        for step, batch in enumerate(batches(epoch) if specs else ()):
+        closed_now = first is not None and epoch == 0
+        source = batches_first(epoch) if closed_now else batches_rest(epoch) if sgd else ()
+        read_s = step_s = 0.0
+        t_read = time.perf_counter()
+        step = -1
+        for step, batch in enumerate(source):
+            t_step = time.perf_counter()
+            read_s += t_step - t_read
             inject_fault(job.fail_at, rank, epoch, step, "stages")
-            if first is not None and epoch == 0:
+            if closed_now:
                 stage1_update(lstsq, nets[first.name], batch["image"], batch["codes"][first.target_tap])
             on_device = _to_device(batch, device) if fitters else batch
             for f in fitters.values():
                 f.step(stage_input(on_device, f.spec), on_device["codes"][f.spec.target_tap])
-        if first is not None and epoch == 0:
+            t_read = time.perf_counter()
+            step_s += t_read - t_step
+        if step < 0 and specs:  # an epoch with nothing to read (closed form done) still honours a test's fault
+            inject_fault(job.fail_at, rank, epoch, 3, "stages")
+        if closed_now:
             stage1_apply(lstsq, nets[first.name])
         losses = {name: f.end_epoch() for name, f in fitters.items()}
+        times = {"loop": times["loop"] + time.perf_counter() - t0, "read": times["read"] + read_s,
+                 "compute": times["compute"] + step_s}
         if specs:
-            print(f"[stages] rank {rank} epoch {epoch + 1}/{job.epochs} ({time.perf_counter() - t0:.0f}s): "
+            print(f"[stages] rank {rank} epoch {epoch + 1}/{job.epochs} ({time.perf_counter() - t0:.1f}s: "
+                  f"read {read_s:.1f}s, compute {step_s:.1f}s): "
                   + (", ".join(f"{k} {v:.4f}" for k, v in losses.items()) or f"{first.name} closed form"))
-        state = {"epoch": epoch, "fitters": {n: f.state_dict() for n, f in fitters.items()}}
+        state = {"epoch": epoch, "fitters": {n: f.state_dict() for n, f in fitters.items()}, "times": times}
         if first is not None:
             state["first"] = nets[first.name].state_dict()
         with tempfile.TemporaryDirectory() as d:
@@ -181,6 +315,10 @@ def fit_stages_on_ray(job: StageJob, storage: TrainStorage, workers: int, cpus_p
     """Run the stage trainer; return each stage's trained net state and loss curve."""
     gpus = f", {gpus_per_worker:g} GPU each" if gpus_per_worker else ""
     log(f"[stages] Ray Train: {workers} workers{gpus}, assignment {job.assignment}; checkpoints under {storage.uri}")
+    if job.rank_costs:
+        log("[stages] estimated cost per sample in M MACs (compute + store reads; see ELEMENT_MACS): " + "; ".join(
+            f"rank {r} {'+'.join(g) or '-'}: {(c + rd) / 1e6:.0f} = {c / 1e6:.0f} + {rd / 1e6:.0f}"
+            for r, (g, (c, rd)) in enumerate(zip(job.assignment, job.rank_costs))))
     result = fit_trainer(stage_worker, job, "stages", storage, workers, cpus_per_worker, max_failures,
                          gpus_per_worker=gpus_per_worker, callbacks=callbacks)
     resumed = int(result.metrics.get("resumed_after_epoch", 0))
@@ -188,18 +326,24 @@ def fit_stages_on_ray(job: StageJob, storage: TrainStorage, workers: int, cpus_p
         log(f"[stages] a worker was lost; the group restarted and restored from the checkpoint after epoch {resumed}")
     states: dict[str, dict] = {}
     curves: dict[str, list[float]] = {}
+    timing = []
     with result.checkpoint.as_directory() as d:
         for rank in range(workers):
             f = Path(d) / _ckpt_file(rank)
             if not f.exists():
                 continue
             state = torch.load(f, weights_only=True, map_location="cpu")
+            if "times" in state:
+                t = state["times"]
+                timing.append(f"rank {rank} {t['loop']:.1f}s (read {t['read']:.1f}s, compute {t['compute']:.1f}s)")
             for name, st in state["fitters"].items():
                 states[name] = st["net"]
                 curves[name] = st["curve"]
             if "first" in state:
                 first = next(s.name for s in job.specs if s.input_tap is None)
                 states[first] = state["first"]
+    if timing:
+        log("[stages] time in the epochs per rank, Ray Train start-up excluded: " + "; ".join(timing))
     missing = [s.name for s in job.specs if s.name not in states]
     if missing:
         raise RuntimeError(f"stage {missing[0]} has no trained state in the final checkpoint")
