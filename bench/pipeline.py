@@ -12,8 +12,9 @@ ones), on the same pool and the same stage epochs, this prints:
   teacher per sample per epoch, as a KD loop that runs its teachers in the step does)
 - cached: Ray extraction (statistics + codes + logits into the Parquet store) + E stage epochs
   from the store, then J joint epochs on the stored logits
-- per sample: teacher forward + encode vs stored-code read, and the break-even epoch count
-  (extraction cost / per-epoch saving) after which the store pays.
+- per sample: teacher forward + encode vs stored-code read, and the break-even stage epoch
+  count ((extraction - statistics pass) / per-epoch saving) after which the store pays, alone
+  and with the J joint epochs' teacher-logit passes (which the store also saves) counted.
 
 Both sides fit the same stages with the engine's ``fit_stages`` in this process (2 threads).
 The joint stage's student training is the same work on both sides (same student, images,
@@ -59,6 +60,18 @@ def scaled_zoo(src_zoo: Path, out: Path, scale: int) -> Path:
                                             "sha256": digest, "taps": [TapSpec(**x.as_dict()) for x in net.feature_info()]}))
     write_manifest(ZooManifest(name=f"{manifest.name}-x{scale}", teachers=entries), out / "zoo.yaml")
     return out / "zoo.yaml"
+
+
+def fixed_widths(job) -> dict[str, int]:
+    """Absolute per-tap widths: the job's width ratio of the x1 zoo's concatenated channels (what
+    the ratio resolves to there), so a wider zoo trains and stores the very same student."""
+    from amalgam.zoo.manifest import read_manifest
+
+    ratio = float(job.amalgamation.widths.get("default", 0.4))
+    teachers = read_manifest(job.zoo_path()).teachers
+    taps = [t.name for t in teachers[0].taps][:-1]  # all but the logits
+    return {tap: max(1, round(ratio * sum(next(x.channels for x in t.taps if x.name == tap) for t in teachers)))
+            for tap in taps}
 
 
 def drain(batches, epochs: int) -> float:
@@ -126,15 +139,16 @@ def measure(job, log, joint_epochs: int) -> dict:
 
     # Joint stage: the online side runs every teacher for logits in each of J epochs; the
     # student's training is the same work on both sides (timed once, added to both).
+    # At the joint batch size: a KD loop runs its teachers on each training batch.
     t0 = time.perf_counter()
     for t in teachers:
-        predict_logits(t, pool.images)
+        predict_logits(t, pool.images, batch=job.joint.batch_size)
     logits_epoch = time.perf_counter() - t0
     torch.manual_seed(0)
     student = build_student(student_config(common_topology([t.name for t in teachers], [t.net.config for t in teachers]),
                                            {t: c.width for t, c in codecs.items()}, len(space)))
     t0 = time.perf_counter()
-    train_end_to_end(student, pool.images, targets, "kd", joint_epochs, job.joint.lr, job.joint.batch_size,
+    train_end_to_end(student, pool.images, space.to_union(targets), "kd", joint_epochs, job.joint.lr, job.joint.batch_size,
                      job.joint.temperature, job.seed, log=lambda _m: None)
     joint_train = time.perf_counter() - t0
     online_joint = joint_epochs * logits_epoch + joint_train
@@ -145,6 +159,9 @@ def measure(job, log, joint_epochs: int) -> dict:
         "extract": extract, "online_prep": online_prep, "teacher_us": 1e6 * online_batches / n,
         "read_us": 1e6 * cached_batches / n,
         "break_even_epochs": (extract - online_prep) / (saving * n) if saving > 0 else float("inf"),
+        # ... and counting the J joint epochs' teacher-logit passes the store also saves.
+        "break_even_with_joint": max(0.0, (extract - online_prep - joint_epochs * logits_epoch) / (saving * n))
+        if saving > 0 else float("inf"),
     }
 
 
@@ -154,6 +171,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="stage epochs (default: the demo job's)")
     ap.add_argument("--joint-epochs", type=int, help="joint epochs (default: the demo job's)")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--fixed-student", action="store_true",
+                    help="pin the student's per-tap widths to the x1 zoo's (teacher cost the only variable); "
+                         "default: the job's width ratio, so the student widens with the teachers")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(2)
@@ -175,23 +195,31 @@ def main() -> None:
             job.stages.epochs = epochs
             job.zoo = str(scaled_zoo(base.zoo_path(), scratch / f"zoo-x{scale}", scale))
             job.store.uri = str(scratch / f"store-x{scale}")
+            if args.fixed_student:
+                job.amalgamation.widths = fixed_widths(base)
             r = measure(job, lambda _m: None, joint_epochs)
             rows.append((scale, r))
-            print(f"x{scale}: online {r['online']:.1f}s, cached {r['cached']:.1f}s", flush=True)
+            print(f"x{scale}: online {r['online']:.1f}s (statistics pass {r['online_prep']:.1f} + stage epochs "
+                  f"{r['stages_online'] - r['online_prep']:.1f} + joint {r['online'] - r['stages_online']:.1f}), "
+                  f"cached {r['cached']:.1f}s (extraction {r['extract']:.1f} + stage epochs "
+                  f"{r['stages_cached'] - r['extract']:.1f} + joint {r['joint_train']:.1f})", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     base_macs = rows[0][1]["teacher_macs"]
     print(f"\npool {2 * args.pool_per_dataset} images, {epochs} stage epochs + {joint_epochs} joint epochs, "
-          "4 teachers, 2 threads")
+          "4 teachers, 2 threads, student "
+          + (f"fixed at the x1 zoo's widths {fixed_widths(base)}" if args.fixed_student else "widths a ratio of the zoo's"))
     print("| zoo | teacher MACs (rel.) | online s: stages + joint | cached s: stages (extraction) + joint "
           "| online / cached | stages only | teacher fwd+encode us/sample | stored read us/sample "
-          "| store pays after (stage epochs) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| joint: teacher logits s/epoch | store pays after: stage epochs (with the {joint_epochs} joint epochs) |"
+          "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scale, r in rows:
         online_joint = r["online"] - r["stages_online"]
         print(f"| demo x{scale} wide | {r['teacher_macs'] / base_macs:.1f}x | {r['online']:.1f}: {r['stages_online']:.1f} + "
               f"{online_joint:.1f} | {r['cached']:.1f}: {r['stages_cached']:.1f} ({r['extract']:.1f}) + "
               f"{r['joint_train']:.1f} | {r['online'] / r['cached']:.2f}x | {r['stages_online'] / r['stages_cached']:.2f}x "
-              f"| {r['teacher_us']:.0f} | {r['read_us']:.0f} | {r['break_even_epochs']:.1f} |")
+              f"| {r['teacher_us']:.0f} | {r['read_us']:.0f} | {r['logits_epoch']:.2f} "
+              f"| {r['break_even_epochs']:.1f} ({r['break_even_with_joint']:.1f}) |")
 
 
 if __name__ == "__main__":
