@@ -16,7 +16,13 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision first, at the versions this machine serves from disk (CPU-only use).
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e '.[test]'
+	# A download from the package index can break off midway (seen once: 12 of 17 MB, six
+	# resumes): pip resumes harder, and the whole install is tried three times before failing.
+	@for i in 1 2 3; do \
+	  $(BIN)/pip install -q --retries 10 --resume-retries 20 -e '.[test]' && break; \
+	  if [ $$i = 3 ]; then echo "make: pip install failed 3 times" >&2; exit 1; fi; \
+	  echo "make: pip install failed (attempt $$i of 3); retrying in 15 s" >&2; sleep 15; \
+	done
 	@touch $@
 
 venv: $(BIN)/.installed
