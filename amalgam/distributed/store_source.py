@@ -19,7 +19,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from amalgam.data.pool import Pool
@@ -302,10 +301,7 @@ def store_epoch_batches(
     verified = set() if verified is None else verified
 
     def read(i: int) -> pa.Table:
-        shard = codes_ds.manifest.shards[i]
-        if i in verified:
-            return _read_columns(codes_ds, shard, columns)
-        table = codes_ds.read_shard(shard, columns)
+        table = codes_ds.read_shard(codes_ds.manifest.shards[i], columns, checked=i not in verified)
         verified.add(i)
         return table
 
@@ -331,15 +327,6 @@ def store_epoch_batches(
                 yield {"image": image, "codes": batch_codes}
 
     return epoch_batches
-
-
-def _read_columns(ds: Dataset, shard, columns: list[str]) -> pa.Table:
-    """Only ``columns`` of an already verified shard: Parquet reads just their byte ranges."""
-    try:
-        return ds.loc.retry(ds.shard_uri(shard), lambda: pq.read_table(
-            ds.loc.path(f"{ds.key}/{shard.file}"), columns=columns, filesystem=ds.loc.fs))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise AmalgamError(f"{ds.shard_uri(shard)}: unreadable Parquet ({str(exc).splitlines()[0]})") from None
 
 
 def _row_bytes(shape: list[int], dtype: str) -> float:
