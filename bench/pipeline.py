@@ -62,16 +62,21 @@ def scaled_zoo(src_zoo: Path, out: Path, scale: int) -> Path:
     return out / "zoo.yaml"
 
 
-def fixed_widths(job) -> dict[str, int]:
-    """Absolute per-tap widths: the job's width ratio of the x1 zoo's concatenated channels (what
-    the ratio resolves to there), so a wider zoo trains and stores the very same student."""
+def absolute_widths(zoo: Path, ratio: float, names: list[str] | None = None) -> dict[str, int]:
+    """Per-tap widths ``ratio`` x the concatenated channels of ``names`` (default: every teacher)
+    in ``zoo``: what a width ratio resolves to there, as absolute widths, so a wider zoo trains
+    and stores the very same student (also bench/retrain.py's pinned student)."""
     from amalgam.zoo.manifest import read_manifest
 
-    ratio = float(job.amalgamation.widths.get("default", 0.4))
-    teachers = read_manifest(job.zoo_path()).teachers
+    teachers = [t for t in read_manifest(zoo).teachers if names is None or t.name in names]
     taps = [t.name for t in teachers[0].taps][:-1]  # all but the logits
     return {tap: max(1, round(ratio * sum(next(x.channels for x in t.taps if x.name == tap) for t in teachers)))
             for tap in taps}
+
+
+def fixed_widths(job) -> dict[str, int]:
+    """The job's width ratio of its (x1) zoo, as absolute widths."""
+    return absolute_widths(job.zoo_path(), float(job.amalgamation.widths.get("default", 0.4)))
 
 
 def drain(batches, epochs: int) -> float:

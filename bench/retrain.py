@@ -75,16 +75,6 @@ def sub_zoo(src: Path, out: Path, names: list[str]) -> Path:
 WIDTH_RATIO = 0.4  # of the K=1 zoo's concatenated channels per tap, as the demo job's default
 
 
-def pinned_widths(base_zoo: Path, names: list[str]) -> dict[str, int]:
-    """Absolute per-tap widths: ``WIDTH_RATIO`` of the concatenation of ``names``' taps in the K=1 zoo
-    (what ``{"default": 0.4}`` resolves to there), so a K x wider zoo trains the same student."""
-    manifest = read_manifest(base_zoo)
-    entries = [t for t in manifest.teachers if t.name in names]
-    taps = [tap.name for tap in entries[0].taps][:-1]  # all but the head, as the passes amalgamate
-    return {tap: max(1, round(WIDTH_RATIO * sum({x.name: x.channels for x in e.taps}[tap] for e in entries)))
-            for tap in taps}
-
-
 def job_file(path: Path, zoo: Path, store: Path, args, strategy: str = "dfa", widths: dict[str, int] | None = None
              ) -> Path:
     half = args.pool // 2
@@ -183,11 +173,11 @@ def main() -> None:
     old, added = names[:-1], names[-1]
     # One table for every job: retrain steps only from a champion of the same amalgamation section.
     # The grown zoo's: the student the full retrain trains at K=1 (the champion's code is as wide).
-    widths = pinned_widths(zoo, names)
+    from bench.pipeline import absolute_widths, scaled_zoo
+
+    widths = absolute_widths(zoo, WIDTH_RATIO, names)
     base_zoo = zoo
     if args.teacher_scale > 1:
-        from bench.pipeline import scaled_zoo
-
         zoo = scaled_zoo(zoo, work / f"zoo-x{args.teacher_scale}", args.teacher_scale)
         manifest, _ = load_zoo(zoo)
         print(f"[bench] --teacher-scale {args.teacher_scale}: every teacher {args.teacher_scale}x wider, RANDOM "
