@@ -86,17 +86,27 @@ class Amalgamation(_Strict):
 
 
 class FailAt(_Strict):
-    """Test-only fault injection: rank ``rank`` exits once in epoch ``epoch`` (0-based), leaving
-    ``marker`` (a file name, created in the run directory: never a path a job could aim anywhere)."""
+    """Test-only fault injection: rank ``rank`` exits once in epoch ``epoch`` (0-based; a list:
+    once in each), leaving ``marker`` (a file name, created in the run directory: never a path a
+    job could aim anywhere), which records each kill so a restarted worker does not repeat it.
+    A list lets one run carry several faults (a test's one run instead of one run per fault)."""
 
     rank: int = Field(ge=0)
-    epoch: int = Field(ge=0)
+    epoch: Union[int, list[int]]
     marker: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    @field_validator("epoch")
+    @classmethod
+    def _epochs(cls, v: Union[int, list[int]]) -> Union[int, list[int]]:
+        if any(e < 0 for e in ([v] if isinstance(v, int) else v)) or v == []:
+            raise ValueError(f"epoch must be a 0-based epoch or a non-empty list of them, got {v}")
+        return v
 
     def resolved(self, run_dir) -> dict:
         from pathlib import Path
 
-        return {"rank": self.rank, "epoch": self.epoch, "marker": str(Path(run_dir).resolve() / self.marker)}
+        epochs = [self.epoch] if isinstance(self.epoch, int) else sorted(set(self.epoch))
+        return {"rank": self.rank, "epochs": epochs, "marker": str(Path(run_dir).resolve() / self.marker)}
 
 
 # GPUs per Ray Train worker (stages, joint): a number (fractions share a GPU), or ``auto``: the
@@ -270,6 +280,13 @@ class Retrain(_Strict):
         "fidelity",
         description="fidelity: label-free agreement with each teacher on the held-out slice; "
         "labelled: task-aware accuracy on evaluation.test",
+    )
+    single_pass: bool = Field(
+        True,
+        description="an incremental step runs each added or changed teacher once over the training pool: its "
+        "statistics pass also stores its raw taps (float16, zstd; every tap position: about 34 KB a sample "
+        "per demo teacher, kept in the store under taps/), which the codes pass encodes with no teacher. "
+        "false: no raw taps stored, the teacher runs a second time for the codes",
     )
 
 

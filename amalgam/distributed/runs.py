@@ -175,12 +175,14 @@ def fit_trainer(loop, job: object, kind: str, storage: TrainStorage, workers: in
 
 def inject_fault(fail_at: dict | None, rank: int, epoch: int, step: int, what: str) -> None:
     """Test-only fault injection (a job's ``fail_at: {rank, epoch, marker}``): at the fourth step
-    of that epoch the worker process exits once, like a lost node. The marker file makes it
-    happen once only, so the restarted worker group runs through."""
-    if fail_at and fail_at["rank"] == rank and fail_at["epoch"] == epoch and step == 3:
+    of each listed epoch the worker process exits once, like a lost node. The marker file records
+    the epochs already killed, so the restarted worker group runs through each of them."""
+    if fail_at and fail_at["rank"] == rank and epoch in fail_at["epochs"] and step == 3:
         marker = Path(fail_at["marker"])
-        if not marker.exists():
+        line = f"killed {what} rank {rank} in epoch {epoch}\n"
+        if line not in (marker.read_text() if marker.exists() else ""):
             marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"killed {what} rank {rank} in epoch {epoch}\n")
+            with open(marker, "a") as f:
+                f.write(line)
             print(f"[{what}] rank {rank}: fault injection, worker exits in epoch {epoch + 1}", flush=True)
             os._exit(1)

@@ -22,8 +22,8 @@ over the extraction passes, the stages and the joint stage. What must hold after
   ingest keeps block order, see :func:`amalgam.distributed.train_joint.ordered_ingest`).
 
 Worker loss: the same job with a Ray Train worker killed (``fail_at``: the worker process
-exits) in the first and the second epoch of the stages and of the joint stage (two faults a
-run, four kill points): each run finishes from its checkpoints, and its final comprehensive
+exits) in the first and the second epoch of the stages and of the joint stage (four kill
+points, one run): the run finishes from its checkpoints, and its final comprehensive
 accuracy is within 0.5 points of the uninterrupted run (the issue's criterion). Measured: the
 very same student, bit for bit, which is asserted too: a restart replays the lost epoch with the
 same seeded batches (stages) and the same rows in the same order on each rank (joint).
@@ -304,27 +304,32 @@ def test_driver_killed_at_ten_points_resumes_to_the_uninterrupted_result(env, re
         reference.run / "student.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("stage_epoch,joint_epoch", [(0, 1), (1, 0)])
-def test_killed_workers_finish_from_checkpoints_within_half_a_point(env, reference, stage_epoch, joint_epoch,
-                                                                     capfd, record_property):
-    """A stage worker and a joint (DDP) worker exit, each once, in the given epochs (0: the first)."""
-    name = f"workers-{stage_epoch}-{joint_epoch}"
+def test_killed_workers_finish_from_checkpoints_within_half_a_point(env, reference, capfd, record_property):
+    """One run, four worker exits: a stage worker in the first and the second stage epoch, a joint
+    (DDP) worker in the first and the second joint epoch (``fail_at`` lists the epochs; one run
+    instead of one per fault pair keeps the suite's time down, and each restart must still resume
+    from what the previous restart left)."""
+    name = "workers"
     job = {**JOB, "store": {"uri": "store-reference"},  # the reference's features: no teacher runs again
-           "stages": {**JOB["stages"], "fail_at": {"rank": 1, "epoch": stage_epoch, "marker": "stage-killed"}},
-           "joint": {**JOB["joint"], "fail_at": {"rank": 0, "epoch": joint_epoch, "marker": "joint-killed"}}}
+           "stages": {**JOB["stages"], "fail_at": {"rank": 1, "epoch": [0, 1], "marker": "stage-killed"}},
+           "joint": {**JOB["joint"], "fail_at": {"rank": 0, "epoch": [0, 1], "marker": "joint-killed"}}}
     path = env.dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     assert main(["run", str(path), "--out", str(env.dir / name), "--address", env.address]) == 0
     text = "".join(capfd.readouterr())
-    assert (env.dir / name / "stage-killed").exists() and (env.dir / name / "joint-killed").exists()
-    assert f"[stages] rank 1: fault injection, worker exits in epoch {stage_epoch + 1}" in text
-    assert f"[joint] rank 0: fault injection, worker exits in epoch {joint_epoch + 1}" in text
+    assert (env.dir / name / "stage-killed").read_text().splitlines() == [
+        "killed stages rank 1 in epoch 0", "killed stages rank 1 in epoch 1"]
+    assert (env.dir / name / "joint-killed").read_text().splitlines() == [
+        "killed joint rank 0 in epoch 0", "killed joint rank 0 in epoch 1"]
+    for epoch in (1, 2):
+        assert f"[stages] rank 1: fault injection, worker exits in epoch {epoch}" in text
+        assert f"[joint] rank 0: fault injection, worker exits in epoch {epoch}" in text
     report = json.loads((env.dir / name / "report.json").read_text())
-    record_property("fault_points", 2)
+    record_property("fault_points", 4)
     got, want = _methods(report), _methods(reference.report)
     main_name = reference.report["main"]
     diff = abs(got[main_name]["comprehensive"] - want[main_name]["comprehensive"])
-    print(f"worker loss (stage epoch {stage_epoch + 1}, joint epoch {joint_epoch + 1}): final comprehensive "
+    print(f"worker loss (stage epochs 1 and 2, joint epochs 1 and 2): final comprehensive "
           f"{got[main_name]['comprehensive']:.4f} vs uninterrupted {want[main_name]['comprehensive']:.4f}")
     assert diff <= BOUND, (got[main_name], want[main_name])
     # Stronger, as measured: the restarts change nothing at all.
