@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 STATE_FILE = "cluster.json"
+LEADER_GRACE = 5.0  # seconds a node's `ray start` gets to stop its node alone
 READY_MARK = "Ray runtime started"
 
 
@@ -165,6 +166,18 @@ def up(args: argparse.Namespace) -> None:
     print(f"  stop it with: cluster/down.sh --state-dir {state_dir}")
 
 
+def _group_commands(pgid: int) -> list[str]:
+    """The commands of a process group's live members (from /proc): what ignored SIGTERM."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and os.getpgid(int(d.name)) == pgid:
+                out.append((d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:80])
+        except (OSError, ProcessLookupError):
+            continue
+    return out
+
+
 def _stop_nodes(state: dict, grace: float = 20.0) -> None:
     """SIGTERM each node's ``ray start`` (workers first: they drain through the head's GCS),
     wait for its whole process group to exit, SIGKILL the group if it does not."""
@@ -176,10 +189,25 @@ def _stop_nodes(state: dict, grace: float = 20.0) -> None:
             os.kill(pgid, signal.SIGTERM)  # the leader: it drains the node and ends its children
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + grace
+        t0 = time.monotonic()
+        deadline = t0 + grace
+        group_termed = False
         while _alive(pgid) and time.monotonic() < deadline:
+            if not group_termed and time.monotonic() > t0 + LEADER_GRACE:
+                # After running jobs the head's leader was seen to sit out the whole grace (its
+                # dashboard modules and agents outliving it): SIGTERM every process of the group,
+                # each Ray component's own graceful exit, before resorting to SIGKILL.
+                try:
+                    os.killpg(pgid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                group_termed = True
             time.sleep(0.2)
-        if _alive(pgid):
+        if not _alive(pgid):
+            print(f"  {node['name']}: stopped in {time.monotonic() - t0:.1f} s")
+        else:
+            print(f"  {node['name']}: still running {grace:.0f} s after SIGTERM; killed: "
+                  + ", ".join(_group_commands(pgid)))
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:

@@ -68,6 +68,7 @@ def cluster(tmp_path_factory, data_root):
         down = subprocess.run([str(ROOT / "cluster" / "down.sh"), "--state-dir", str(state)],
                               env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
+        print(down.stdout)
         assert not (state / "cluster.json").exists()
         for node in recorded["nodes"]:
             with pytest.raises(ProcessLookupError):  # every process of every node is gone
