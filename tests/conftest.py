@@ -23,6 +23,33 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mnist2_zoo(tmp_path_factory, data_root) -> Path:
+    """The 2-teacher MNIST zoo (2000 images, 2 epochs, one thread: trained, so accuracies mean
+    something), trained once per session; modules copy it (:func:`copy_zoo`) rather than train
+    the same zoo again (about 9 s each)."""
+    import torch
+
+    from amalgam.zoo.train import train_zoo
+
+    out = tmp_path_factory.mktemp("mnist2_zoo") / "zoo"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_zoo("mnist-2", out, data_root=data_root, limit=2000, epochs=2)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def copy_zoo(zoo: Path, dest: Path) -> Path:
+    """A private copy of a session zoo directory at ``dest`` (a test may write beside or into it)."""
+    import shutil
+
+    shutil.copytree(zoo, dest)
+    return dest
+
+
 def make_tiny_zoo(out: Path, specs: list[tuple[str, list[str], list[int]]]) -> Path:
     """A zoo of untrained teachers (random weights) for manifest and shape tests."""
     from amalgam.zoo.arch import CNNConfig, TappedCNN

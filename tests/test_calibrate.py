@@ -18,7 +18,6 @@ from amalgam.data.pool import PoolSpec, build_pool
 from amalgam.engine.calibrate import fit_calibration
 from amalgam.engine.evaluate import evaluate_logits, predict_logits
 from amalgam.zoo.manifest import load_zoo
-from amalgam.zoo.train import train_zoo
 
 A, B = "mnist-0-4", "mnist-5-9"
 
@@ -32,9 +31,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def logits(tmp_path_factory, data_root) -> dict:
-    out = tmp_path_factory.mktemp("calib") / "zoo"
-    train_zoo("mnist-2", out, data_root=data_root, limit=2000, epochs=2)
+def logits(mnist2_zoo, data_root) -> dict:
+    out = mnist2_zoo  # read only
     manifest, teachers = load_zoo(out / "zoo.yaml")
     space = ClassSpace.from_teachers([(t.name, t.classes) for t in manifest.teachers])
     assert list(space.teachers) == [A, B]

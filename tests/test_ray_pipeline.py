@@ -20,7 +20,7 @@ import yaml
 from amalgam.cli import main
 from amalgam.distributed.train_stages import IMAGE, MACS_PER_READ_BYTE, assign_stages, rank_loads, stage_reads
 from amalgam.engine.stages import StageSpec
-from amalgam.zoo.train import train_zoo
+from tests.conftest import copy_zoo
 
 JOB = {
     "version": 1,
@@ -71,12 +71,9 @@ def test_assignment_charges_a_ranks_reads_once_per_tap():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_root) -> Path:
+def workdir(tmp_path_factory, mnist2_zoo) -> Path:
     d = tmp_path_factory.mktemp("ray_pipeline")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train_zoo("mnist-2", d / "zoo", data_root=data_root, limit=2000, epochs=2)
-    torch.set_num_threads(before)
+    copy_zoo(mnist2_zoo, d / "zoo")
     yield d
     import ray
 

@@ -28,6 +28,7 @@ from amalgam.job import Job, Sweep, parse_job
 from amalgam.sweep.prepare import holdout_split
 from amalgam.sweep.results import TrialRow, best_row, pareto_front
 from amalgam.sweep.space import param_space, stored_widths, trial_widths
+from tests.conftest import copy_zoo
 
 
 def _row(trial: str, objective: float, params: int, status: str = "completed") -> TrialRow:
@@ -154,14 +155,9 @@ def _amalgam(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, data_root) -> Path:
-    from amalgam.zoo.train import train_zoo
-
+def workdir(tmp_path_factory, mnist2_zoo) -> Path:
     d = tmp_path_factory.mktemp("sweep")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train_zoo("mnist-2", d / "zoo", data_root=data_root, limit=2000, epochs=2)
-    torch.set_num_threads(before)
+    copy_zoo(mnist2_zoo, d / "zoo")
     (d / "job.yaml").write_text(yaml.safe_dump(JOB, sort_keys=False))
     return d
 

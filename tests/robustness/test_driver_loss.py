@@ -49,6 +49,7 @@ import pytest
 import yaml
 
 from amalgam.cli import main
+from tests.conftest import copy_zoo
 from tests.test_extract import _kill_session
 
 pytestmark = pytest.mark.slow
@@ -123,18 +124,13 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, data_root):
+def env(tmp_path_factory, mnist2_zoo):
     import ray
-    import torch
 
     from amalgam.distributed.extract import ensure_ray
-    from amalgam.zoo.train import train_zoo
 
     d = tmp_path_factory.mktemp("process_loss")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train_zoo("mnist-2", d / "zoo", data_root=data_root, limit=2000, epochs=2)
-    torch.set_num_threads(before)
+    copy_zoo(mnist2_zoo, d / "zoo")
     if ray.is_initialized():
         ray.shutdown()
     ensure_ray(num_cpus=2)  # sets RAY_AUTH_MODE in os.environ when Ray enables token auth: the drivers inherit it
