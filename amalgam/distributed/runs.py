@@ -142,6 +142,10 @@ def torch_backend(gpus_per_worker: float, ddp: bool) -> str:
     return "nccl" if ddp and gpus_per_worker >= 1 else "gloo"
 
 
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by Ray Train's controller (propagated from the driver)
+TRAIN_POLL_S = "0.5"
+
+
 def fit_trainer(loop, job: object, kind: str, storage: TrainStorage, workers: int, cpus_per_worker: float,
                 max_failures: int, datasets: dict | None = None, gpus_per_worker: float = 0.0, ddp: bool = False,
                 callbacks: list | None = None, dataset_config=None):
@@ -156,6 +160,12 @@ def fit_trainer(loop, job: object, kind: str, storage: TrainStorage, workers: in
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's controller polls the worker group every HEALTH_CHECK_INTERVAL (2 s by
+    # default) and advances its start-up, reports and shutdown only at polls: for stages of a
+    # few seconds an epoch that waiting dominated. Measured here (2 workers, 3 reports, 2-core
+    # machine under load 11-18, alternating in one process): 22-29 s a fit at 2 s, 12-20 s at
+    # 0.5 s. A poll is one small remote call per worker. The environment wins when set.
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": job},
