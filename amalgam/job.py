@@ -284,8 +284,9 @@ class Retrain(_Strict):
     single_pass: bool = Field(
         True,
         description="an incremental step runs each added or changed teacher once over the training pool: its "
-        "statistics pass also stores its raw taps (float16, zstd; every tap position: about 34 KB a sample "
-        "per demo teacher, kept in the store under taps/), which the codes pass encodes with no teacher. "
+        "statistics pass also stores its raw taps (float16, zstd, every tap position: 26 to 40 KB a sample "
+        "per demo teacher, growing with its width; kept in the store under taps/, counted by the capacity "
+        "plan), which the codes pass encodes with no teacher. "
         "false: no raw taps stored, the teacher runs a second time for the codes",
     )
 

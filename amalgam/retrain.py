@@ -10,7 +10,8 @@ against it:
 * no champion yet (or no ``features.json``: a student registered by hand): a full run;
 * otherwise **incremental** amalgamation (:mod:`amalgam.distributed.incremental`) on the
   champion's stored codes and logits, which stand in for the old teachers: only added and
-  changed teachers run, twice over the training pool (statistics, codes).
+  changed teachers run, once over the training pool (statistics; their raw taps are kept and
+  encoded for the codes with no teacher), or twice with ``retrain.single_pass: false``.
 
   - added: their features join the champion's code;
   - removed: the champion's decoder reconstructs every teacher from the code, so the kept
@@ -391,12 +392,16 @@ class Outcome:
     result: object = None  # the run's RunResult
 
 
-def _expected_forwards(plan: Plan, entries: list, n_train: int, n_hold: int, hold_missing: list[str]) -> tuple[int, str]:
+def _expected_forwards(plan: Plan, entries: list, n_train: int, n_hold: int, hold_missing: list[str],
+                       single_pass: bool = True) -> tuple[int, str]:
     run = plan.run if plan.mode == "incremental" else [e.name for e in entries]
-    extraction = len(run) * n_train * 2
+    # An incremental step keeps the new teachers' raw taps and encodes them (retrain.single_pass).
+    one = plan.mode == "incremental" and single_pass
+    passes = "1 pass (statistics; codes from the stored raw taps)" if one else "2 passes (statistics, codes)"
+    extraction = len(run) * n_train * (1 if one else 2)
     total = extraction + len(hold_missing) * n_hold
     if run:
-        what = (f"{', '.join(run)} on {n_train} training images x 2 passes (statistics, codes) = {extraction}"
+        what = (f"{', '.join(run)} on {n_train} training images x {passes} = {extraction}"
                 + (" at most (datasets already in the store are reused)" if plan.mode == "full" else ""))
     else:
         what = "none on the training images (the champion's stored code and logits serve) = 0"
@@ -428,7 +433,8 @@ def retrain(job: Job, out: Path, address: str | None = None, dry_run: bool = Fal
     plan = make_plan(job, reg, manifest.teachers, train_pool.fingerprint())
     space = manifest.class_space()
     hold_missing = holdout_missing(reg.loc, manifest.teachers, holdout.fingerprint())
-    expected, what = _expected_forwards(plan, manifest.teachers, len(train_pool), len(holdout), hold_missing)
+    expected, what = _expected_forwards(plan, manifest.teachers, len(train_pool), len(holdout), hold_missing,
+                                        job.retrain.single_pass)
     champ = f"champion v{plan.champion.version} ({len(plan.champion.teachers)} teachers)" if plan.champion else "no champion"
     log(f"[retrain] job {job.name}: {champ}; zoo {manifest.name}: {len(manifest.teachers)} teachers")
     for line in plan.diff.lines():

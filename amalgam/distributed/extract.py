@@ -36,8 +36,11 @@ space is refused in one line before any teacher runs (:func:`check_capacity`).
 
 Incremental passes (``amalgam retrain`` adding teachers to a champion) run only the new
 teachers (``PassSpec.teachers``) and prepend, row by row, the champion's stored code to
-their features (``PassSpec.base_codes_key``): the same two passes over
-``[previous code | new teachers]``, and no old teacher is run.
+their features (``PassSpec.base_codes_key``): the same passes over
+``[previous code | new teachers]``, and no old teacher is run. By default (``retrain.single_pass``)
+the new teachers run once: their outputs pass also keeps their raw taps (``taps_key``; the
+champion's code is not copied there, it is in the store already) and the codes pass reads
+``[stored code | stored raw taps]`` (``base_codes_key`` with ``raw_key``) with no teacher.
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class PassSpec:
     # forward, every tap's concatenated features (float16) and the logits into the dataset
     # ``taps_key``; ``write_main`` is False when the outputs dataset is already committed and
     # only the taps are missing. A codes pass with ``raw_key`` encodes the taps stored there
-    # (and copies their logits): no teacher runs.
+    # (and copies their logits): no teacher runs. Both combine with ``base_codes_key``: the
+    # taps are then the new teachers' only, and the codes pass prepends the stored code to them.
     taps_key: str | None = None
     write_main: bool = True
     raw_key: str | None = None
@@ -287,13 +291,15 @@ def shard_output(spec: PassSpec, teachers: list, codecs: dict[str, LinearCodec],
     """The whole content of pool rows ``rows`` for ``spec`` (``images``/``ids``: the whole pool's).
 
     Teachers run unless ``raw`` (the stored raw taps) is given: then the codes are those
-    taps encoded, and the logits theirs.
+    taps encoded, and the logits theirs. ``base`` (an earlier codes dataset, cut to
+    ``spec.base_widths``) is prepended row by row to the teachers' features, or to the stored
+    raw taps: the incremental codes pass of ``amalgam retrain`` with no teacher.
     """
+    prefix = read_prefix(base, spec.base_widths or {}, rows) if base is not None else None
     if raw is not None:
         logits, feats = read_raw(raw, list(codecs), rows)
-        cols = ShardColumns(logits, encode_rows(codecs, feats, spec.batch_size, device), None)
+        cols = ShardColumns(logits, encode_rows(codecs, feats, spec.batch_size, device, prefix), None)
     else:
-        prefix = read_prefix(base, spec.base_widths or {}, rows) if base is not None else None
         cols = compute_rows(spec.kind, teachers, codecs, taps, images[rows.start:rows.stop], spec.batch_size, device,
                             prefix, keep_taps=spec.taps_key is not None)
     table, side = shard_table(spec.kind, rows, ids, images, cols) if spec.write_main else (None, None)
@@ -327,10 +333,11 @@ def compute_rows(kind: str, teachers: list, codecs: dict[str, LinearCodec], taps
     with ``images``) is an earlier code prepended to every tap's features: the incremental
     step of ``amalgam retrain`` (statistics and codes of ``[previous code | teachers]``).
     ``keep_taps`` (outputs pass) also returns every tap's concatenated features in float16:
-    the raw taps of mode ``sgd``.
+    the raw taps of mode ``sgd``, or, with a ``prefix``, the teachers' features only (the
+    prefix is in the store already): what the single-pass incremental step encodes later.
     """
-    if keep_taps and (kind != "outputs" or prefix is not None):
-        raise AmalgamError("raw taps are kept by a full (not incremental) outputs pass only")
+    if keep_taps and kind != "outputs":
+        raise AmalgamError("raw taps are kept by an outputs pass only")
     infos = [{i.name: i for i in t.taps()} for t in teachers]
     pre_blocks = {tap: ([prefix[tap].shape[1]] if prefix is not None else []) for tap in taps}
     stats = {tap: TapStats(pre_blocks[tap] + [inf[tap].channels for inf in infos], infos[0][tap].kind) for tap in taps} \
@@ -356,13 +363,24 @@ def compute_rows(kind: str, teachers: list, codecs: dict[str, LinearCodec], taps
 
 @torch.no_grad()
 def encode_rows(codecs: dict[str, LinearCodec], feats: dict[str, torch.Tensor], batch_size: int,
-                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Stored raw taps (float16) through their codecs, in batches: float16 codes, as the teachers' would be."""
+                device: torch.device | str = "cpu", prefix: dict[str, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Stored raw taps (float16) through their codecs, in batches: float16 codes, as the teachers' would be.
+
+    ``prefix`` (tap -> float32 ``[n, w, ...]``, row-aligned) is prepended to each batch's taps,
+    as :func:`compute_rows` prepends it to the teachers' features: ``[previous code | taps]``.
+    Concatenated batch by batch, so a shard's taps are never held in float32 whole.
+    """
     out = {}
     for tap, codec in codecs.items():
-        x = feats[tap]
-        out[tap] = torch.cat([codec.encode(x[i : i + batch_size].to(device).float()).half().cpu()
-                              for i in range(0, len(x), batch_size)])
+        x, pre = feats[tap], (prefix or {}).get(tap)
+        parts = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device).float()
+            if pre is not None:
+                xb = torch.cat([pre[i : i + batch_size].to(device), xb], 1)
+            parts.append(codec.encode(xb).half().cpu())
+        out[tap] = torch.cat(parts)
     return out
 
 

@@ -24,17 +24,23 @@ Passes:
    with the step's map it encodes ``y`` directly, and its decoder reconstructs the teachers'
    features (old kept ones, then new ones), so the next retrain can drop or change a teacher
    of this student's code again (the state's ``decoder_key`` and ``code_blocks``);
-3. ``codes``, new teachers only (or, with none, the stored code mapped in this process): the
-   new codes dataset (image + code per tap), which the recipe trains from exactly as from a
-   full run's. Its ``logits`` column (like the outputs dataset's) holds the *new* teachers'
+3. ``codes``: the new codes dataset (image + code per tap), which the recipe trains from
+   exactly as from a full run's. Its ``logits`` column (like the outputs dataset's) holds the *new* teachers'
    logits only (all teachers' when none is new); the manifest's ``increment`` fingerprint
    names the step (base codes, their widths, the new and dropped teachers, the strategy).
+   By default (``retrain.single_pass``) no teacher runs here: pass 1 also stored the new
+   teachers' raw taps (float16, :func:`~amalgam.distributed.extract.taps_key` of the increment
+   and pool), and this pass encodes ``[stored code | stored raw taps]``, the same codes as a
+   second forward would give up to the float16 rounding of the taps. With
+   ``single_pass: false`` the new teachers run again instead (no raw taps stored); with no new
+   teacher the stored code is mapped in this process.
 
 The old teachers' logits come from the stored outputs datasets the champion was trained
 from (a changed teacher's from its new pass); the class space is the zoo's, in zoo order:
-a removed teacher's classes leave it. Two passes of the new teachers over the pool are the
-whole teacher cost (PCA needs the statistics of the whole pool before any code can be
-written). Everything else is :class:`StoreSource`'s: the Ray extraction, the stages on Ray
+a removed teacher's classes leave it. One pass of the new teachers over the pool is the
+whole teacher cost (two with ``single_pass: false``: PCA needs the statistics of the whole
+pool before any code can be written, so the codes come from the stored taps or a second
+forward). Everything else is :class:`StoreSource`'s: the Ray extraction, the stages on Ray
 Train and the joint stage.
 """
 
@@ -57,6 +63,7 @@ from amalgam.distributed.extract import (
     run_pass,
     shard_table,
     sum_stats,
+    taps_key,
 )
 from amalgam.distributed.store_source import StoreSource
 from amalgam.engine.amalgamate import CodeStep, LinearCodec, TapStats, code_step, fit_pca
@@ -164,11 +171,12 @@ class IncrementalSource(StoreSource):
         self.decoder_key: str | None = None
         self.code_blocks: dict[str, list[int]] | None = None
 
-    def _increment_spec(self, kind: str, key: str, fingerprints: dict[str, str], codecs: str | None = None):
+    def _increment_spec(self, kind: str, key: str, fingerprints: dict[str, str], codecs: str | None = None,
+                        **extra):
         return self._spec(
             kind, key, {**fingerprints, "pool": self.pool_fp, "increment": self.increment_fp}, codecs,
             teachers=tuple(t.name for t in self.new), base_codes_key=self.base.codes_key,
-            base_widths=dict(self.base.code_widths),
+            base_widths=dict(self.base.code_widths), **extra,
         )
 
     def _decoders(self) -> dict[str, LinearCodec] | None:
@@ -183,10 +191,12 @@ class IncrementalSource(StoreSource):
         decoders = self._decoders()
         sources: list[tuple[Dataset | str, list[str], list[int]]] = []
         if self.new:
-            spec = self._increment_spec("outputs", outputs_key(self.increment_fp, self.pool_fp), {})
+            # Single pass: the same forward keeps the new teachers' raw taps for the codes pass.
+            raw = taps_key(self.increment_fp, self.pool_fp) if self.job.retrain.single_pass else None
+            spec = self._increment_spec("outputs", outputs_key(self.increment_fp, self.pool_fp), {}, taps_key=raw)
             res = run_pass(spec, self.job, self.pool, [STATS_SIDE], self.log, teachers=self.teachers)
             self.teacher_forwards += res.teacher_forwards
-            self.outputs = res.dataset
+            self.outputs, self.taps = res.dataset, res.taps
             y_stats = sum_stats(res.dataset)
             sources.append((res.dataset, [t.name for t in self.new], [len(t.entry.classes) for t in self.new]))
         else:  # only removals: the statistics of the stored code are all the step needs
@@ -267,8 +277,9 @@ class IncrementalSource(StoreSource):
             save_codecs(self.loc, ckey, {tap: self.steps[tap].input_codec(c) for tap, c in codecs.items()}, meta)
         stored, _ = load_codecs(self.loc, ckey)  # another job's may have been there first
         key = codes_key(codec_fp, self.pool_fp)
-        if self.new:
-            spec = self._increment_spec("codes", key, {"codecs": codec_fp}, codecs=ckey)
+        if self.new:  # from the stored raw taps (no teacher), or a second forward of the new teachers
+            raw = {"raw_key": self.taps.key} if self.taps is not None else {}
+            spec = self._increment_spec("codes", key, {"codecs": codec_fp}, codecs=ckey, **raw)
             res = run_pass(spec, self.job, self.pool, [], self.log, teachers=self.teachers)
             self.teacher_forwards += res.teacher_forwards
             self.codes = res.dataset
