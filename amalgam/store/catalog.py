@@ -1,7 +1,7 @@
 """What a store holds: committed datasets, fitted codecs, and uncommitted leftovers.
 
 Only the store's own layout is looked at (``outputs/<zoo>/<pool>``, ``taps/<zoo>/<pool>`` (raw
-taps, mode sgd), ``codes/<codec>/<pool>``, ``codecs/<codec>``): anything else under the root belongs to someone else and is never
+taps: mode sgd, and the added teachers of a single-pass retrain), ``codes/<codec>/<pool>``, ``codecs/<codec>``): anything else under the root belongs to someone else and is never
 listed as garbage, let alone deleted. An entry is committed when its commit object exists
 (``manifest.json`` for a dataset, ``codecs.json`` for codecs; both are written last), so
 an uncommitted entry is exactly the leftover of an interrupted write, or one in progress:
