@@ -24,6 +24,12 @@ demo job's (``jobs/mnist-fashion-4.yaml``). The Ray cluster is started before ti
 start-up is a one-off per session, not per job).
 
     .venv/bin/python bench/pipeline.py [--pool-per-dataset 2000] [--epochs E] [--joint-epochs J] [--scales 1 2 4]
+        [--depth D] [--fixed-student]
+
+``--depth D`` makes the teachers deeper instead (or as well): D convs per conv unit, the
+extra ones at the unit's width, so a teacher forward costs more while its taps, and with
+them the statistics, the stored codes and the (pinned) student, stay the demo's
+(D = 5: about 12x the demo teachers' MACs).
 """
 
 from __future__ import annotations
@@ -40,25 +46,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def scaled_zoo(src_zoo: Path, out: Path, scale: int) -> Path:
-    """The demo zoo with every hidden layer ``scale`` x wider (random weights, same classes and taps)."""
+def scaled_zoo(src_zoo: Path, out: Path, scale: int, depth: int = 1) -> Path:
+    """The demo zoo with every hidden layer ``scale`` x wider and ``depth`` convs per conv unit
+    (``depth - 1`` extra convs at the unit's width before the tapped one: the teacher's cost
+    grows, its taps, statistics and stored codes do not); random weights, same classes and taps."""
     from amalgam.zoo.arch import TappedCNN
     from amalgam.zoo.manifest import TapSpec, ZooManifest, load_zoo, save_weights, write_manifest
 
     manifest, teachers = load_zoo(src_zoo)
-    if scale == 1:
+    if scale == 1 and depth == 1:
         return src_zoo
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for i, (e, t) in enumerate(zip(manifest.teachers, teachers)):
         cfg = t.net.config
         cfg = cfg.with_widths([w * scale for w in cfg.conv_widths + cfg.fc_widths] + [cfg.num_classes])
+        cfg = cfg.model_copy(update={"depth": depth})
         torch.manual_seed(i)
         net = TappedCNN(cfg)
         digest = save_weights(net, out / f"{e.name}.safetensors")
         entries.append(e.model_copy(update={"arch_args": cfg.model_dump(), "weights": f"{e.name}.safetensors",
                                             "sha256": digest, "taps": [TapSpec(**x.as_dict()) for x in net.feature_info()]}))
-    write_manifest(ZooManifest(name=f"{manifest.name}-x{scale}", teachers=entries), out / "zoo.yaml")
+    suffix = f"-x{scale}" + (f"-d{depth}" if depth > 1 else "")
+    write_manifest(ZooManifest(name=f"{manifest.name}{suffix}", teachers=entries), out / "zoo.yaml")
     return out / "zoo.yaml"
 
 
@@ -176,6 +186,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="stage epochs (default: the demo job's)")
     ap.add_argument("--joint-epochs", type=int, help="joint epochs (default: the demo job's)")
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--depth", type=int, default=1,
+                    help="convs per conv unit of every teacher (deeper preset: depth - 1 extra convs before each "
+                         "tapped one; the taps, the statistics, the stored codes and the student do not change)")
     ap.add_argument("--fixed-student", action="store_true",
                     help="pin the student's per-tap widths to the x1 zoo's (teacher cost the only variable); "
                          "default: the job's width ratio, so the student widens with the teachers")
@@ -198,7 +211,7 @@ def main() -> None:
             for src in job.pool.sources:
                 src.count = args.pool_per_dataset
             job.stages.epochs = epochs
-            job.zoo = str(scaled_zoo(base.zoo_path(), scratch / f"zoo-x{scale}", scale))
+            job.zoo = str(scaled_zoo(base.zoo_path(), scratch / f"zoo-x{scale}", scale, args.depth))
             job.store.uri = str(scratch / f"store-x{scale}")
             if args.fixed_student:
                 job.amalgamation.widths = fixed_widths(base)
@@ -210,7 +223,12 @@ def main() -> None:
                   f"{r['stages_cached'] - r['extract']:.1f} + joint {r['joint_train']:.1f})", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    base_macs = rows[0][1]["teacher_macs"]
+    from amalgam.engine.evaluate import count_macs
+    from amalgam.zoo.manifest import load_zoo
+
+    demo_manifest, demo_teachers = load_zoo(base.zoo_path())  # MACs relative to the demo zoo's
+    base_macs = sum(count_macs(t, tuple(e.input.shape)) for e, t in zip(demo_manifest.teachers, demo_teachers))
+    deep = f", {args.depth} convs/unit" if args.depth > 1 else ""
     print(f"\npool {2 * args.pool_per_dataset} images, {epochs} stage epochs + {joint_epochs} joint epochs, "
           "4 teachers, 2 threads, student "
           + (f"fixed at the x1 zoo's widths {fixed_widths(base)}" if args.fixed_student else "widths a ratio of the zoo's"))
@@ -220,7 +238,7 @@ def main() -> None:
           "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for scale, r in rows:
         online_joint = r["online"] - r["stages_online"]
-        print(f"| demo x{scale} wide | {r['teacher_macs'] / base_macs:.1f}x | {r['online']:.1f}: {r['stages_online']:.1f} + "
+        print(f"| demo x{scale} wide{deep} | {r['teacher_macs'] / base_macs:.1f}x | {r['online']:.1f}: {r['stages_online']:.1f} + "
               f"{online_joint:.1f} | {r['cached']:.1f}: {r['stages_cached']:.1f} ({r['extract']:.1f}) + "
               f"{r['joint_train']:.1f} | {r['online'] / r['cached']:.2f}x | {r['stages_online'] / r['stages_cached']:.2f}x "
               f"| {r['teacher_us']:.0f} | {r['read_us']:.0f} | {r['logits_epoch']:.2f} "

@@ -21,6 +21,31 @@ def test_feature_info_describes_every_tap():
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 5)
 
 
+def test_deeper_units_keep_the_taps_and_cost_more():
+    """``depth`` (bench/pipeline.py --depth): extra convs before each tapped conv change the
+    teacher's cost, not its taps; depth 1 is the network (state dict, manifest args) of before,
+    and a student is one conv per unit."""
+    from amalgam.engine.evaluate import count_macs
+
+    cfg = CNNConfig(conv_widths=[8, 16], fc_widths=[32], num_classes=5)
+    deep_cfg = cfg.model_copy(update={"depth": 3})
+    plain, deep = TappedCNN(cfg), TappedCNN(deep_cfg)
+    assert "depth" not in cfg.model_dump() and deep_cfg.model_dump()["depth"] == 3
+    assert CNNConfig(**deep_cfg.model_dump()) == deep_cfg
+    assert not any(k.startswith("deep.") for k in plain.state_dict())
+    assert [(i.name, i.path, i.channels) for i in deep.feature_info()] == [(i.name, i.path, i.channels) for i in plain.feature_info()]
+    x = torch.rand(2, 1, 28, 28)
+    with TapCapture(deep, ["layers.conv1", "layers.conv2"]) as cap:
+        _, feats = cap.run(deep, x)
+    assert feats["layers.conv1"].shape == (2, 8, 28, 28) and feats["layers.conv2"].shape == (2, 16, 14, 14)
+    # The tap is the last conv of its unit, after the unit's extra convs.
+    with torch.no_grad():
+        again = deep.layers["conv2"](deep.deep["conv2"](deep.pres["conv2"](feats["layers.conv1"])))
+    assert torch.allclose(feats["layers.conv2"], again)
+    assert count_macs(deep, (1, 28, 28)) > 3 * count_macs(plain, (1, 28, 28))
+    assert deep_cfg.for_student([4, 4, 4, 5]).depth == 1
+
+
 def test_taps_are_pre_activation(tiny_zoo):
     _, teachers = load_zoo(tiny_zoo)
     x = torch.rand(4, 1, 28, 28)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from torch import nn
 
 from amalgam.zoo.taps import TapInfo, TapKind  # noqa: F401  (re-exported)
@@ -36,6 +36,18 @@ class CNNConfig(BaseModel):
     fc_widths: list[int] = Field(default_factory=list)
     num_classes: int = Field(gt=0)
     kernel_size: int = 3
+    # Convs per conv unit: depth - 1 extra 3x3-style convs (ReLU after each) before the tapped
+    # one, at the unit's width. Taps and their shapes do not change, only the teacher's cost
+    # (bench/pipeline.py --depth). A student is always one conv per unit (for_student).
+    depth: int = Field(1, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_depth(self, handler):
+        # Manifests (and the zoo fingerprints over them) written before depth existed stay as they were.
+        out = handler(self)
+        if self.depth == 1:
+            out.pop("depth", None)
+        return out
 
     def widths(self) -> list[int]:
         """Output width of every layer, last = num_classes."""
@@ -51,8 +63,9 @@ class CNNConfig(BaseModel):
         )
 
     def for_student(self, widths: list[int]) -> "CNNConfig":
-        """The student of this topology at ``widths`` (last = the class-space size)."""
-        return self.with_widths(widths)
+        """The student of this topology at ``widths`` (last = the class-space size): one conv per
+        unit whatever the teachers' depth, as the layer-wise stages train one layer each."""
+        return self.with_widths(widths).model_copy(update={"depth": 1})
 
     def unit_names(self) -> list[str]:
         return [*(f"conv{i + 1}" for i in range(len(self.conv_widths))),
@@ -92,6 +105,7 @@ class TappedCNN(nn.Module):
         self.config = config
         c = config
         names, pres, layers, kinds, strides = [], [], [], [], []
+        deep: dict[str, nn.Module] = {}
         in_ch, size, stride = c.in_channels, c.image_size, 1
         for i, w in enumerate(c.conv_widths):
             first = i == 0
@@ -99,6 +113,12 @@ class TappedCNN(nn.Module):
                 size, stride = size // 2, stride * 2
             names.append(f"conv{i + 1}")
             pres.append(Pre(act=not first, pool=not first, flatten=False))
+            if c.depth > 1:  # the extra convs, then the tapped one at the unit's width
+                extra: list[nn.Module] = []
+                for _ in range(c.depth - 1):
+                    extra += [nn.Conv2d(in_ch, w, c.kernel_size, padding=c.kernel_size // 2), nn.ReLU(inplace=False)]
+                    in_ch = w
+                deep[names[-1]] = nn.Sequential(*extra)
             layers.append(nn.Conv2d(in_ch, w, c.kernel_size, padding=c.kernel_size // 2))
             kinds.append("conv")
             strides.append(stride)
@@ -119,6 +139,8 @@ class TappedCNN(nn.Module):
         self.unit_names: list[str] = names
         self.pres = nn.ModuleDict(dict(zip(names, pres)))
         self.layers = nn.ModuleDict(dict(zip(names, layers)))
+        if deep:  # absent at depth 1: the state dict is the one of before
+            self.deep = nn.ModuleDict(deep)
         self._kinds = kinds
         self._strides = strides
         self.flat_spatial = size * size  # positions per channel entering the first FC layer
@@ -130,7 +152,10 @@ class TappedCNN(nn.Module):
         ]
 
     def forward_unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[name](self.pres[name](x))
+        x = self.pres[name](x)
+        if self.config.depth > 1 and name in self.deep:
+            x = self.deep[name](x)
+        return self.layers[name](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for n in self.unit_names:
