@@ -645,7 +645,11 @@ def run_pass(spec: PassSpec, job: Job, pool: Pool, side_names: list[str], log: C
             ShardExtractor,
             batch_size=None,  # whole blocks: each batch is one or more complete shards
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=parallel),
+            # One shard in flight per actor: by default Ray Data queues several tasks on the first
+            # actor that is ready, which then extracts a small pass's shards one after the other
+            # while the others start (measured: 2 shards on 2 actors ran serially on one, 10.5 s
+            # vs 7.0 s for 3-s shards). A shard is seconds of work: no pipelining is lost.
+            compute=ray.data.ActorPoolStrategy(size=parallel, max_tasks_in_flight_per_actor=1),
             num_cpus=ext.cpus_per_actor,
             num_gpus=ext.gpus_per_actor if teachers else 0,
             fn_constructor_kwargs={"spec": spec},
