@@ -138,6 +138,14 @@ class Gate(_Strict):
     keep: float = Field(0.7, gt=0, le=1, description="fraction of the pool (most confident) used as pseudo-labels")
 
 
+class Augment(_Strict):
+    """Function matching (engine/augment.py): augmented pool images, targets recomputed on each view."""
+
+    shift: int = Field(0, ge=0, description="random translation, up to this many pixels per axis (zero fill)")
+    mixup: float = Field(0.0, ge=0, allow_inf_nan=False,
+                         description="mixup alpha: blend each image with another, weight ~ Beta(alpha, alpha); 0 = off")
+
+
 class Joint(_Strict):
     epochs: int = Field(5, ge=0)
     target: Literal["calibrated", "gated"] = Field(

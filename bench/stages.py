@@ -1,8 +1,10 @@
 """Stage-fitting speed: all layer-wise stages on 1 Ray Train worker vs 2 (same threads per worker).
 
 Runs the demo job's extraction (reused from the store when present), then fits the stages
-twice from the same stored codes, with ``stages.workers`` = 1 and 2, and prints wall times
-and their ratio (issue 6 target: >= 1.6x on a 2-core machine). Defaults: the demo job's sizes
+three times from the same stored codes: 1 worker; 2 workers each owning whole stages
+(``stages.parallel: stages``); 2 workers each fitting every stage on half the pool's shards
+with gradients all-reduced (``rows``), and prints wall times, their ratios (issue 6 target:
+>= 1.6x on a 2-core machine) and each run's last-epoch stage losses (same fit quality?). Defaults: the demo job's sizes
 (30 000-image pool, its stage epochs). Two ratios: whole wall time (each run pays Ray Train's
 start-up, ~10 s here, whatever the size), and the slowest rank's time inside its epochs
 (start-up excluded; from the workers' checkpointed timings, which also split read vs compute).
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=None, help="images in all (split evenly); default: the demo job's")
     ap.add_argument("--pool-per-dataset", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None, help="stage epochs; default: the demo job's")
+    ap.add_argument("--only", default=None, help="comma list of runs among 1-stages,2-stages,2-rows (default: all)")
     args = ap.parse_args()
     job = load_job(ROOT / "jobs/mnist-fashion-4.yaml")
     per = args.pool // len(job.pool.sources) if args.pool else args.pool_per_dataset
@@ -65,26 +68,39 @@ def main() -> None:
         lines.append(msg)
 
     src.log = log
-    for workers in (1, 2):
-        job.stages.workers = workers
+    runs = [(1, "stages"), (2, "stages"), (2, "rows")]
+    if args.only:
+        runs = [r for r in runs if f"{r[0]}-{r[1]}" in args.only.split(",")]
+    finals: dict[tuple[int, str], dict[str, float]] = {}
+    for workers, parallel in runs:
+        job.stages.workers, job.stages.parallel = workers, parallel
         lines.clear()
-        print(f"[bench] {workers} worker(s), load average {Path('/proc/loadavg').read_text().split()[:3]}", flush=True)
+        print(f"[bench] {workers} worker(s), {parallel}, load average {Path('/proc/loadavg').read_text().split()[:3]}",
+              flush=True)
         torch.manual_seed(0)
         skeleton = build_student(cfg)
         nets = build_stages(skeleton)
         t0 = time.perf_counter()
-        src.fit_stages(stage_specs(skeleton), nets, target_var, targets, cfg, spec,
-                       {t: c.width for t, c in codecs.items()}, steps, out / f"w{workers}-{time.time():.0f}")
-        times[workers] = time.perf_counter() - t0
+        curves = src.fit_stages(stage_specs(skeleton), nets, target_var, targets, cfg, spec,
+                                {t: c.width for t, c in codecs.items()}, steps, out / f"w{workers}-{parallel}-{time.time():.0f}")
+        key = (workers, parallel)
+        times[key] = time.perf_counter() - t0
+        finals[key] = {name: curve[-1] for name, curve in curves.items()}
         timing = next(m for m in lines if "time in the epochs per rank" in m)
-        loops[workers] = max(float(x) for x in re.findall(r"rank \d+ ([\d.]+)s", timing))
+        loops[key] = max(float(x) for x in re.findall(r"rank \d+ ([\d.]+)s", timing))
     print(f"\n## Stage fitting on Ray Train ({len(pool)} images, {job.stages.epochs} epochs, 1 CPU per worker)\n")
-    print("| workers | wall s | slowest rank in its epochs, s |")
-    print("|---:|---:|---:|")
-    for w, t in times.items():
-        print(f"| {w} | {t:.1f} | {loops[w]:.1f} |")
-    print(f"\nspeed-up 2 vs 1 workers: wall {times[1] / times[2]:.2f}x, in the epochs (start-up excluded) "
-          f"{loops[1] / loops[2]:.2f}x (target >= 1.6x)")
+    stages = sorted({n for f in finals.values() for n in f})
+    print("| workers | parallel | wall s | slowest rank in its epochs, s | last-epoch loss " + " / ".join(stages) + " |")
+    print("|---:|---|---:|---:|---|")
+    for (w, par), t in times.items():
+        print(f"| {w} | {par} | {t:.1f} | {loops[(w, par)]:.1f} | "
+              + " / ".join(f"{finals[(w, par)][n]:.4f}" for n in stages) + " |")
+    base = (1, "stages")
+    if base in times:
+        for key in times:
+            if key != base:
+                print(f"speed-up {key[0]} workers ({key[1]}) vs 1: wall {times[base] / times[key]:.2f}x, in the epochs "
+                      f"(start-up excluded) {loops[base] / loops[key]:.2f}x (target >= 1.6x)")
     print(f"load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}")
 
 

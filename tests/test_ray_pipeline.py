@@ -28,7 +28,10 @@ JOB = {
     "zoo": "zoo/zoo.yaml",
     "pool": {"sources": [{"dataset": "mnist", "count": 1500}]},
     "amalgamation": {"widths": {"default": 0.4}},
-    "stages": {"epochs": 3, "lr": 0.01, "workers": 2},
+    # Whole stages per rank: the same seeded batches as the in-driver stages below (row-parallel
+    # stages split each batch differently; they are checked bit for bit across worker loss in
+    # tests/robustness/test_driver_loss.py and against one process in tests/test_stage_plan.py).
+    "stages": {"epochs": 3, "lr": 0.01, "workers": 2, "parallel": "stages"},
     "joint": {"epochs": 1},
     "baselines": {"kd": False, "supervised": False},
     "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": 1000}]}, "latency": False},

@@ -203,7 +203,7 @@ class StoreSource:
         ``epoch_end(stage, epoch, loss)`` is called in this process as the workers' epochs end."""
         from amalgam.distributed.progress import EpochProgress
         from amalgam.distributed.train_stages import (
-            IMAGE, StageJob, assign_stages, closed_form_stage, fit_stages_on_ray, rank_loads, stage_costs, stage_reads,
+            IMAGE, StageJob, closed_form_stage, fit_stages_on_ray, plan_stages, stage_costs, stage_reads,
         )
 
         st = self.job.stages
@@ -223,14 +223,16 @@ class StoreSource:
         bytes_per_sample[IMAGE] = _row_bytes(stored["image"].shape, stored["image"].dtype)
         reads, read_costs = stage_reads(specs, closed_form_stage(specs, nets, st.closed_form_first),
                                         bytes_per_sample, st.epochs)
-        workers = min(st.workers, len(specs))
-        assignment = assign_stages(costs, workers, reads, read_costs)
+        param_bytes = 4.0 * sum(p.numel() for n, net in nets.items() if n in costs for p in net.parameters())
+        plan = plan_stages(costs, st.workers, reads, read_costs, [sh.rows for sh in self.codes.manifest.shards],
+                           st.parallel, param_bytes, st.batch_size, st.epochs)
+        workers = plan.workers
         job = StageJob(
             student_config=config_to_dict(student_config), input_spec=input_spec.model_dump(), specs=specs,
             widths=widths, target_var=target_var, head_targets=head_targets, store_uri=self.job.store_uri(),
             s3=self.job.store.s3.model_dump(), codes_key=self.codes.key, epochs=st.epochs, steps_per_epoch=steps,
             lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
-            assignment=assignment, rank_costs=rank_loads(assignment, costs, reads, read_costs), initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
+            assignment=plan.assignment, groups=plan.groups, rows=plan.rows, batch_sizes=plan.batch_sizes, rank_costs=plan.loads, initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
         )
         with EpochProgress("stages", epoch_end) as progress:
             states, curves = fit_stages_on_ray(job, self.train_storage(run_dir), workers, st.cpus_per_worker,
@@ -282,6 +284,7 @@ def store_epoch_batches(
     with_image: bool = True,
     rows: torch.Tensor | None = None,
     verified: set[int] | None = None,
+    segments: list[tuple[int, int, int]] | None = None,
 ) -> Callable[[int], Iterator[dict]]:
     """Shuffled batches per epoch (shard order, then rows within a shard), codes cut to ``widths``.
 
@@ -295,6 +298,12 @@ def store_epoch_batches(
     between several of these readers), later epochs read only ``columns``' byte ranges from it:
     datasets are write-once, and on the demo a checked whole-file read cost a worker ~90 us a
     row every epoch, more than decoding the taps a small stage needs.
+
+    ``segments`` (``(shard, start, end)`` row ranges) reads only those: one rank's share when
+    several ranks fit the same stages row-parallel (``train_stages.split_rows``). They come
+    longest first, ties in the epoch's shard order: ranks holding equally long segments then
+    move to their next shard on the same step, so no rank waits at the gradient all-reduce
+    while another decodes a shard.
     """
     taps = list(widths) if taps is None else taps
     columns = ["index", *(["image"] if with_image else []), *(f"code.{t}" for t in taps)]
@@ -308,8 +317,15 @@ def store_epoch_batches(
     def epoch_batches(epoch: int) -> Iterator[dict]:
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = torch.randperm(len(codes_ds.manifest.shards), generator=gen).tolist()
-        for i in order:
+        if segments is None:
+            plan = [(i, 0, None) for i in order]
+        else:
+            position = {shard: p for p, shard in enumerate(order)}
+            plan = sorted(segments, key=lambda seg: (seg[1] - seg[2], position[seg[0]]))
+        for i, start, end in plan:
             table = read(i)
+            if end is not None:
+                table = table.slice(start, end - start)
             # Arrow's buffers are read-only: each batch is gathered in numpy (a fresh, writable copy)
             # before torch sees it, rather than copying whole columns first.
             cols = {n: column_to_numpy(table.column(n)) for n in columns}

@@ -16,10 +16,12 @@ starting over. Every rank reports once per epoch, as Ray Train V2 expects.
 from __future__ import annotations
 
 import itertools
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -63,6 +65,16 @@ CLOSED_FORM_MACS_FACTOR = 40.0
 #: workers are 16); beyond it, a greedy longest-first assignment by marginal cost.
 EXHAUSTIVE_LIMIT = 50_000
 IMAGE = "image"  # the read item of a stage whose input is the image
+#: One parameter byte all-reduced (gloo, loopback, 2 ranks) in MACs: 1.4 MB took 0.73 ms here
+#: (0.52 ns/B, /tmp/rt/ar.py), vs 0.024 ns a MAC. Paid once per global step by ranks fitting
+#: stages data-parallel; on the demo 0.3 % of the work.
+ALLREDUCE_MACS_PER_BYTE = 22.0
+
+#: How ranks share the stages: ``stages`` = each rank owns whole stages (no communication);
+#: ``rows`` = every rank fits every stage on its share of the pool's shards, gradients
+#: all-reduced each step (one global batch, split); ``auto`` = whichever the cost model
+#: says finishes first.
+Parallel = Literal["auto", "stages", "rows"]
 
 
 def activation_elements(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -172,6 +184,78 @@ def assign_stages(costs: dict[str, float], workers: int, reads: dict[str, set[st
     return out
 
 
+Segment = tuple[int, int, int]  # (shard index, first row, end row) of the pool's stored codes
+
+
+def split_rows(rows: list[int], parts: int) -> list[list[Segment]]:
+    """The pool's rows in ``parts`` equal shares (to a row), each a list of shard segments:
+    the shards laid end to end and cut, so at most ``parts - 1`` shards are shared (each rank
+    decodes such a shard and keeps its own rows). Equal shares mean equal steps per epoch,
+    and equal 2048-row segments mean ranks read their next shard on the same step."""
+    total = sum(rows)
+    cuts = [round(total * r / parts) for r in range(parts + 1)]
+    out: list[list[Segment]] = [[] for _ in range(parts)]
+    offset = 0
+    for i, n in enumerate(rows):
+        for r in range(parts):
+            lo, hi = max(cuts[r], offset), min(cuts[r + 1], offset + n)
+            if hi > lo:
+                out[r].append((i, lo - offset, hi - offset))
+        offset += n
+    return out
+
+
+@dataclass
+class StagePlan:
+    """Who fits what. ``assignment[rank]``: the stages that rank steps; ``groups``: ranks that
+    fit the same stages data-parallel (one global batch split over them, gradients
+    all-reduced; a group of one fits its stages alone); ``rows[rank]``: that rank's share of
+    the pool (shard segments) when its group is larger than one (``None``: all of it)."""
+
+    mode: str
+    assignment: list[list[str]]
+    groups: list[list[int]]
+    loads: list[tuple[float, float]]  # estimated (compute, read) per rank, MACs a pool sample
+    rows: list[list[Segment] | None] = field(default_factory=list)
+    batch_sizes: list[int] | None = None  # per rank, row-parallel: its part of each global batch
+
+    @property
+    def workers(self) -> int:
+        return len(self.assignment)
+
+
+def plan_stages(costs: dict[str, float], workers: int, reads: dict[str, set[str]], read_costs: dict[str, float],
+                shard_rows: list[int], parallel: Parallel = "auto", param_bytes: float = 0.0,
+                batch_size: int = 128, epochs: int = 1) -> StagePlan:
+    """The cheaper of owning whole stages per rank and fitting them all data-parallel.
+
+    Owning stages needs no communication, but a rank's load is whole stages: on the demo one
+    stage (conv3) is a third of the work, so 2 ranks cannot do better than ~61/50, and ranks
+    sharing a tap each read it. Row-parallel splits the compute and the reads evenly by rows
+    (:func:`split_rows`) and pays one all-reduce of all stage parameters per step, plus one
+    more decode of each shard two ranks share.
+    """
+    owned_workers = max(1, min(workers, len(costs)))
+    owned = assign_stages(costs, owned_workers, reads, read_costs)
+    stages_plan = StagePlan("stages", owned, [[r] for r in range(owned_workers)],
+                            rank_loads(owned, costs, reads, read_costs), [None] * owned_workers)
+    total = sum(shard_rows)
+    if parallel == "stages" or workers < 2 or total < workers:
+        return stages_plan
+    k = workers
+    split = split_rows(shard_rows, k)
+    everything = sorted(costs, key=lambda n: -costs[n])
+    (compute, read), = rank_loads([everything], costs, reads, read_costs)
+    sync = ALLREDUCE_MACS_PER_BYTE * param_bytes * epochs / max(1, batch_size)  # per pool sample
+    shared = [sum(shard_rows[i] - (end - start) for i, start, end in part) for part in split]  # rows decoded, not kept
+    loads = [(compute / k + sync, read * (total / k + extra) / total) for extra in shared]
+    rows_plan = StagePlan("rows", [list(everything) for _ in range(k)], [list(range(k))], loads, split,
+                          [max(1, math.ceil(batch_size / k))] * k)
+    if parallel == "rows":
+        return rows_plan
+    return min((stages_plan, rows_plan), key=lambda p: max(c + r for c, r in p.loads))
+
+
 @dataclass
 class StageJob:
     """Everything a worker needs (picklable, small)."""
@@ -192,6 +276,9 @@ class StageJob:
     seed: int
     closed_form_first: bool
     assignment: list[list[str]]
+    groups: list[list[int]] | None = None  # data-parallel rank groups (StagePlan); None: every rank alone
+    rows: list[list[Segment] | None] | None = None  # each rank's shard segments when its group is larger than one
+    batch_sizes: list[int] | None = None  # each rank's part of the global batch (row-parallel)
     rank_costs: list[tuple[float, float]] | None = None  # the planner's (compute, read) estimate per rank, for the log
     initial: dict[str, dict] | None = None  # the driver's initial stage weights: same start wherever a stage runs
     threads: int = 1
@@ -214,6 +301,12 @@ def stage_worker(config: dict) -> None:
     job: StageJob = config["job"]
     rank = ray.train.get_context().get_world_rank()
     use_worker_cpus(job.threads)
+    groups = job.groups or [[r] for r in range(len(job.assignment))]
+    group = next((g for g in groups if rank in g), [rank])
+    pg = _process_group(groups, rank)
+    # Row-parallel: this rank's shards, and its part of the global batch (same steps, same schedule).
+    my_rows = job.rows[rank] if job.rows and len(group) > 1 else None
+    batch_size = job.batch_sizes[rank] if job.batch_sizes and len(group) > 1 else job.batch_size
     torch.manual_seed(job.seed)
     mine = set(job.assignment[rank]) if rank < len(job.assignment) else set()
     skeleton = build_student(config_from_dict(job.student_config))
@@ -233,7 +326,7 @@ def stage_worker(config: dict) -> None:
         for s in specs if s is not first
     }
     start_epoch = resumed = 0
-    times = {"loop": 0.0, "read": 0.0, "compute": 0.0}  # this rank's seconds in its epochs, for the driver's log
+    times = {"loop": 0.0, "read": 0.0, "compute": 0.0, "sync": 0.0}  # this rank's seconds in its epochs, for the log
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -256,8 +349,8 @@ def stage_worker(config: dict) -> None:
         taps = sorted({t for s in stages for t in (s.input_tap, s.target_tap) if t and t != "head"})
         return store_epoch_batches(
             codes, {t: job.widths[t] for t in taps}, job.head_targets, Normalize(spec_in.mean, spec_in.std),
-            job.batch_size, job.seed, taps=taps, with_image=any(s.input_tap is None for s in stages),
-            verified=verified,
+            batch_size, job.seed, taps=taps, with_image=any(s.input_tap is None for s in stages),
+            verified=verified, segments=my_rows,
         )
 
     sgd = [s for s in specs if s is not first]
@@ -268,38 +361,114 @@ def stage_worker(config: dict) -> None:
         closed_now = first is not None and epoch == 0
         source = batches_first(epoch) if closed_now else batches_rest(epoch) if sgd else ()
         read_s = step_s = 0.0
+        sync = [0.0]  # seconds in the gradient all-reduce (waiting for the group's slowest rank included)
         t_read = time.perf_counter()
         step = -1
-        for step, batch in enumerate(source):
+        batches = iter(source)
+        while True:
+            batch = next(batches, None)
             t_step = time.perf_counter()
             read_s += t_step - t_read
+            if batch is None and len(group) == 1:
+                break
+            step += 1
             inject_fault(job.fail_at, rank, epoch, step, "stages")
-            if closed_now:
+            if closed_now and batch is not None:
                 stage1_update(lstsq, nets[first.name], batch["image"], batch["codes"][first.target_tap])
-            on_device = _to_device(batch, device) if fitters else batch
-            for f in fitters.values():
-                f.step(stage_input(on_device, f.spec), on_device["codes"][f.spec.target_tap])
+            on_device = _to_device(batch, device) if fitters and batch is not None else batch
+            if len(group) > 1:
+                # Until the last rank of the group runs out of rows (its segments may end a batch later).
+                if not fitters or not group_step(list(fitters.values()), on_device, pg, sync):
+                    if batch is None:
+                        break
+            else:
+                for f in fitters.values():
+                    f.step(stage_input(on_device, f.spec), on_device["codes"][f.spec.target_tap])
             t_read = time.perf_counter()
             step_s += t_read - t_step
         if step < 0 and specs:  # an epoch with nothing to read (closed form done) still honours a test's fault
             inject_fault(job.fail_at, rank, epoch, 3, "stages")
         if closed_now:
+            if len(group) > 1:
+                reduce_lstsq(lstsq, pg)
             stage1_apply(lstsq, nets[first.name])
         losses = {name: f.end_epoch() for name, f in fitters.items()}
         times = {"loop": times["loop"] + time.perf_counter() - t0, "read": times["read"] + read_s,
-                 "compute": times["compute"] + step_s}
+                 "compute": times["compute"] + step_s, "sync": times.get("sync", 0.0) + sync[0]}
         if specs:
             print(f"[stages] rank {rank} epoch {epoch + 1}/{job.epochs} ({time.perf_counter() - t0:.1f}s: "
-                  f"read {read_s:.1f}s, compute {step_s:.1f}s): "
+                  f"read {read_s:.1f}s, compute {step_s:.1f}s" + (f" incl. sync {sync[0]:.1f}s" if len(group) > 1 else "")
+                  + "): "
                   + (", ".join(f"{k} {v:.4f}" for k, v in losses.items()) or f"{first.name} closed form"))
         state = {"epoch": epoch, "fitters": {n: f.state_dict() for n, f in fitters.items()}, "times": times}
         if first is not None:
             state["first"] = nets[first.name].state_dict()
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / _ckpt_file(rank))
+            # A row-parallel group's ranks hold the same losses: its first rank reports them.
             ray.train.report({"epoch": epoch + 1, "resumed_after_epoch": resumed,
-                              **{f"loss/{k}": v for k, v in losses.items()}},
+                              **{f"loss/{k}": v for k, v in losses.items() if rank == group[0]}},
                              checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _process_group(groups: list[list[int]], rank: int):
+    """This rank's torch.distributed group for its row-parallel stages (``None``: the default
+    group, when it spans every rank). Every rank creates every multi-rank subgroup, in order,
+    as ``new_group`` requires."""
+    import torch.distributed as dist
+
+    world = sum(len(g) for g in groups)
+    mine = None
+    for g in groups:
+        if len(g) > 1 and len(g) < world:
+            handle = dist.new_group(g)
+            if rank in g:
+                mine = handle
+    return mine
+
+
+def group_step(fitters: list[StageFitter], batch: dict | None, group, sync_s: list[float] | None = None) -> bool:
+    """One global step of row-parallel stages: each rank's gradients weighted by its rows,
+    summed over the group and divided by all rows (exactly the global batch's gradient), then
+    the same optimiser step everywhere, so every rank keeps identical stages. A rank out of
+    rows (``batch`` None) contributes nothing; returns False once every rank is out. ``sync_s[0]``
+    accumulates the seconds spent in the all-reduce (waiting for the slowest rank included)."""
+    import torch.distributed as dist
+
+    n = 0 if batch is None else int(batch["codes"]["head"].shape[0])
+    losses = [f.backward(stage_input(batch, f.spec), batch["codes"][f.spec.target_tap], scale=float(n))
+              if batch is not None else 0.0 for f in fitters]
+    params = [p for f in fitters for p in f.net.parameters()]
+    device = params[0].device
+    flat = torch.cat([p.grad.reshape(-1) if batch is not None and p.grad is not None
+                      else torch.zeros(p.numel(), device=device) for p in params]
+                     + [torch.tensor([float(n), *(loss * n for loss in losses)], device=device)])
+    t0 = time.perf_counter()
+    dist.all_reduce(flat, group=group)
+    if sync_s is not None:
+        sync_s[0] += time.perf_counter() - t0
+    tail = flat[-(len(fitters) + 1):].tolist()
+    if tail[0] == 0:
+        return False
+    flat.div_(tail[0])
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    for f, loss in zip(fitters, tail[1:]):
+        f.apply(loss / tail[0])
+    return True
+
+
+def reduce_lstsq(stats: LstsqStats, group) -> None:
+    """Sum the closed-form stage's normal equations over a row-parallel group (exact: they are sums)."""
+    import torch.distributed as dist
+
+    dist.all_reduce(stats.xtx, group=group)
+    dist.all_reduce(stats.xty, group=group)
+    count = torch.tensor([float(stats.count)], dtype=torch.float64)
+    dist.all_reduce(count, group=group)
+    stats.count = int(count.item())
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -314,7 +483,10 @@ def fit_stages_on_ray(job: StageJob, storage: TrainStorage, workers: int, cpus_p
                       callbacks: list | None = None) -> tuple[dict[str, dict], dict[str, list[float]]]:
     """Run the stage trainer; return each stage's trained net state and loss curve."""
     gpus = f", {gpus_per_worker:g} GPU each" if gpus_per_worker else ""
-    log(f"[stages] Ray Train: {workers} workers{gpus}, assignment {job.assignment}; checkpoints under {storage.uri}")
+    row_groups = [g for g in (job.groups or []) if len(g) > 1]
+    how = (f"every stage row-parallel on ranks {row_groups} (rows {[sum(e - b for _, b, e in r) for r in job.rows or []]}, gradients all-reduced)" if row_groups
+           else f"assignment {job.assignment}")
+    log(f"[stages] Ray Train: {workers} workers{gpus}, {how}; checkpoints under {storage.uri}")
     if job.rank_costs:
         log("[stages] estimated cost per sample in M MACs (compute + store reads; see ELEMENT_MACS): " + "; ".join(
             f"rank {r} {'+'.join(g) or '-'}: {(c + rd) / 1e6:.0f} = {c / 1e6:.0f} + {rd / 1e6:.0f}"
@@ -335,7 +507,8 @@ def fit_stages_on_ray(job: StageJob, storage: TrainStorage, workers: int, cpus_p
             state = torch.load(f, weights_only=True, map_location="cpu")
             if "times" in state:
                 t = state["times"]
-                timing.append(f"rank {rank} {t['loop']:.1f}s (read {t['read']:.1f}s, compute {t['compute']:.1f}s)")
+                sync = f" incl. sync {t['sync']:.1f}s" if t.get("sync") else ""
+                timing.append(f"rank {rank} {t['loop']:.1f}s (read {t['read']:.1f}s, compute {t['compute']:.1f}s{sync})")
             for name, st in state["fitters"].items():
                 states[name] = st["net"]
                 curves[name] = st["curve"]

@@ -176,16 +176,30 @@ class StageFitter:
         )
 
     def step(self, inp: torch.Tensor, target: torch.Tensor) -> float:
+        loss = self.backward(inp, target)
+        self.apply(loss)
+        return loss
+
+    def backward(self, inp: torch.Tensor, target: torch.Tensor, scale: float = 1.0) -> float:
+        """Gradients of ``scale`` x this batch's loss into the parameters' ``.grad``; the loss.
+
+        Split from :meth:`apply` so that ranks fitting one stage data-parallel can combine
+        their gradients in between: with ``scale`` = the rank's rows, the sum over ranks
+        divided by all rows is exactly the gradient of the whole global batch (the loss is a
+        mean over samples)."""
         self.net.train()
         loss = normalised_mse(self.net(inp), target, self.target_var)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale if scale != 1.0 else loss).backward()
+        return loss.item()
+
+    def apply(self, loss: float) -> None:
+        """One optimiser and schedule step with the gradients in ``.grad``; ``loss`` joins the epoch's mean."""
         self.opt.step()
         if self.sched.last_epoch + 1 < self.sched.total_steps:
             self.sched.step()
-        self._sum += loss.item()
+        self._sum += loss
         self._n += 1
-        return loss.item()
 
     def end_epoch(self) -> float:
         mean = self._sum / max(1, self._n)

@@ -68,7 +68,9 @@ JOB = {
     "pool": {"sources": [{"dataset": "mnist", "count": POOL}]},
     "amalgamation": {"widths": {"default": 0.4}},
     # batch 32: 16 steps an epoch, enough for a real student (--local: 0.43 after stages, 0.73 final)
-    "stages": {"epochs": 2, "lr": 0.01, "workers": 2, "batch_size": 32},
+    # Row-parallel stages (every stage on both ranks, gradients all-reduced): the mode whose
+    # restarts must resume a gradient exchange mid-epoch (whole stages per rank: test_ray_pipeline).
+    "stages": {"epochs": 2, "lr": 0.01, "workers": 2, "batch_size": 32, "parallel": "rows"},
     "joint": {"epochs": 2, "workers": 2, "batch_size": 32},
     "baselines": {"kd": False, "supervised": False},
     "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": 1000}]}, "latency": False},
