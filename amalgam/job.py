@@ -127,6 +127,10 @@ class Stages(_Strict):
     batch_size: int = Field(128, ge=1)
     closed_form_first: bool = Field(True, description="solve stage 1 by least squares (exact optimum)")
     workers: int = Field(2, ge=1, description="Ray Train workers fitting stages in parallel")
+    parallel: Literal["auto", "stages", "rows"] = Field(
+        "auto", description="stages: each worker owns whole stages; rows: every worker fits every stage on its "
+                            "share of the pool, gradients all-reduced; auto: the cheaper by the cost model "
+                            "(distributed/train_stages.py plan_stages)")
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: GpuCount = Field(0.0, description=GPUS_PER_WORKER)
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint")
@@ -163,6 +167,10 @@ class Joint(_Strict):
         0.0, ge=0, allow_inf_nan=False,
         description="weight of the compact-feature terms (student taps vs the codes through the fold, "
                     "engine/features.py) added to the logit loss; 0 = logits only (the paper). --local only",
+    )
+    augment: Augment | None = Field(
+        None, description="function matching: train on augmented pool images, teachers (and gate) re-run on "
+                          "each view (engine/augment.py); off by default. --local only",
     )
     fail_at: FailAt | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 

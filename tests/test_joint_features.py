@@ -265,3 +265,119 @@ def test_store_path_refuses_feature_weight_in_one_line():
     assert "\n" not in str(exc.value) and "joint.feature_weight" in str(exc.value) and "--local" in str(exc.value)
     check_feature_source(job, OnlineSource.__new__(OnlineSource))  # the local path supports it
     check_feature_source(Job.model_validate(_MIN), store)  # weight 0: nothing to refuse
+
+
+# --- function matching (joint.augment, engine/augment.py) ---------------------------------------
+
+
+def test_random_shift_is_a_zero_filled_translation_and_mixup_a_blend():
+    from amalgam.engine.augment import mix, random_shift
+
+    x = torch.arange(1, 2 * 25 + 1, dtype=torch.float32).view(2, 1, 5, 5)
+    gen = torch.Generator().manual_seed(0)
+    out = random_shift(x, 1, gen)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(2):  # each image is one of the 9 translations by at most one pixel
+        views = [padded[i, :, dy : dy + 5, dx : dx + 5] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], v) for v in views)
+    assert random_shift(x, 0, gen) is x
+    import numpy as np
+
+    m = mix(x, 1.0, torch.Generator().manual_seed(0), np.random.default_rng(0))
+    for i in range(2):  # a convex blend of this image and one image of the batch
+        lam = [((m[i] - x[j]) / (x[i] - x[j])).flatten() if i != j else None for j in range(2)][1 - i]
+        assert torch.allclose(lam, lam[0].expand_as(lam)) and 0 <= float(lam[0]) <= 1
+
+
+def _fm_setup(amalgamated, augment: dict, target: str = "gated"):
+    """The two fixture teachers (rebuilt: same seeds), standardised on the pool, a small gate,
+    the job, the local source and the function-matching term."""
+    from types import SimpleNamespace
+
+    from amalgam.classes import ClassSpace
+    from amalgam.engine.calibrate import fit_calibration
+    from amalgam.engine.run_local import OnlineSource, augment_term
+
+    _, _, _, _, images_u8, logits = amalgamated
+    teachers = [_teacher("a", [6, 8], 0.3, 0), _teacher("b", [5, 8], 0.5, 1)]
+    space = ClassSpace.from_teachers([(t.name, t.entry.classes) for t in teachers])
+    calib = fit_calibration(logits, space.blocks, "standardize")
+    torch.manual_seed(3)
+    gate = DeployedStudent(TappedCNN(CNNConfig(conv_widths=[4], fc_widths=[8], num_classes=2)),
+                           InputSpec(shape=[1, 28, 28], mean=[0.1], std=[0.3]))
+    job = Job.model_validate({**_MIN, "joint": {"target": target, "augment": augment}})
+    source = OnlineSource(job, teachers, SimpleNamespace(images=images_u8), log=lambda _m: None)
+    return teachers, space, calib, gate, job, source, augment_term(job, source, calib, space, gate)
+
+
+def test_function_matching_target_is_the_gated_teachers_on_the_augmented_view(amalgamated):
+    from amalgam.data.datasets import to_float
+    from amalgam.engine.gating import gate_and_target, gated_targets
+
+    images_u8, logits = amalgamated[4], amalgamated[5]
+    teachers, space, calib, gate, job, source, term = _fm_setup(amalgamated, {"shift": 2, "mixup": 1.0})
+    x = to_float(images_u8[:64])
+    view = term.view(x)
+    assert view.shape == x.shape and (view - x).abs().mean() > 0.05  # a different image, not the pool's
+    target, codes = term.teachers(view)
+    assert codes == {} and not target.requires_grad
+    with torch.no_grad():  # independently: every teacher and the gate on exactly that view
+        want = gated_targets(gate.eval()(view), calib(torch.cat([t(view) for t in teachers], 1)), space)
+    assert torch.allclose(target, want, atol=1e-5)
+    assert source.teacher_forwards == 64 * 2
+    # Deterministic given the seed; another seed gives other views.
+    again = _fm_setup(amalgamated, {"shift": 2, "mixup": 1.0})[-1]
+    assert torch.equal(again.view(x), view)
+    other = _fm_term_with_seed(amalgamated, 5)
+    assert not torch.equal(other.view(x), view)
+    # No augmentation: the view is the pool image and the target the pool's gated target.
+    plain = _fm_setup(amalgamated, {})[-1]
+    assert torch.equal(plain.view(x), x)
+    pool_target = gate_and_target(gate, images_u8[:64], calib(logits[:64]), space)
+    assert torch.allclose(plain.teachers(x)[0], pool_target, atol=1e-4)
+
+
+def _fm_term_with_seed(amalgamated, seed: int):
+    from amalgam.engine.augment import AugmentTerm
+
+    term = _fm_setup(amalgamated, {"shift": 2, "mixup": 1.0})[-1]
+    return AugmentTerm(term.shift, term.mixup, term.teachers, seed)
+
+
+def test_joint_stage_with_function_matching_trains_deterministically(amalgamated):
+    student, _, _, _, images_u8, logits = amalgamated
+    results = []
+    for _ in range(2):
+        term = _fm_setup(amalgamated, {"shift": 2, "mixup": 0.4}, target="calibrated")[-1]
+        model = DeployedStudent(TappedCNN(STUDENT), student.spec)
+        model.load_state_dict(student.state_dict())
+        # ``targets`` is unused with augment: a NaN table proves it is never read.
+        curve = train_end_to_end(model, images_u8, torch.full_like(logits, float("nan")), "kd", 4, 5e-3, 32,
+                                 temperature=2.0, seed=0, log=lambda _m: None, freeze_batchnorm=True, augment=term)
+        assert len(curve) == 4 and all(math.isfinite(v) for v in curve)
+        assert curve[-1] < 0.8 * curve[0], curve  # it trains on the views
+        results.append((curve, model.state_dict()))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(v, results[1][1][k]) for k, v in results[0][1].items())
+
+
+def test_job_field_augment():
+    assert Job.model_validate(_MIN).joint.augment is None  # off: nothing existing changes
+    aug = Job.model_validate({**_MIN, "joint": {"augment": {"shift": 2, "mixup": 0.5}}}).joint.augment
+    assert (aug.shift, aug.mixup) == (2, 0.5)
+    for bad in ({"shift": -1}, {"mixup": float("nan")}, {"mixup": -0.1}, {"cutmix": 1}):
+        with pytest.raises(ValueError, match="augment"):
+            Job.model_validate({**_MIN, "joint": {"augment": bad}})
+
+
+def test_store_path_refuses_augment_in_one_line():
+    from amalgam.distributed.store_source import StoreSource
+    from amalgam.engine.run_local import OnlineSource, check_feature_source
+
+    job = Job.model_validate({**_MIN, "joint": {"augment": {"shift": 2}}})
+    store = StoreSource.__new__(StoreSource)  # the real class; its constructor would start Ray
+    with pytest.raises(AmalgamError) as exc:
+        check_feature_source(job, store)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith("job t: field joint.augment:") and "--local" in msg
+    check_feature_source(job, OnlineSource.__new__(OnlineSource))  # the local path supports it

@@ -103,6 +103,13 @@ def test_sweep_refuses_joint_feature_terms_before_loading_anything():
     job = job.model_copy(update={"joint": job.joint.model_copy(update={"feature_weight": 1.0})})
     with pytest.raises(AmalgamError, match=r"^job j: field joint\.feature_weight: a sweep trains from the store"):
         prepare(job, None)
+    # Function matching re-runs the teachers inside the joint step: refused the same way.
+    from amalgam.job import Augment
+
+    job = _job({"widths": {"default": {"choice": [0.25, 0.5]}}})
+    job = job.model_copy(update={"joint": job.joint.model_copy(update={"augment": Augment(mixup=1.0)})})
+    with pytest.raises(AmalgamError, match=r"^job j: field joint\.augment: a sweep trains from the store"):
+        prepare(job, None)
 
 
 def test_holdout_split_is_seeded_and_disjoint():

@@ -8,6 +8,10 @@ Optionally (``features``, job field ``joint.feature_weight``) the loss adds the
 compact-feature terms: the student's hidden taps against the amalgamated codes, through
 the fold (:mod:`amalgam.engine.features`).
 
+Optionally (``augment``, job field ``joint.augment``) every batch is an augmented view of
+the pool rows and the target is recomputed on it ("function matching",
+:mod:`amalgam.engine.augment`); ``targets`` is then unused.
+
 The same function trains the baselines (multi-teacher KD from scratch, the supervised
 student), so every method gets the same data, student size and budget.
 """
@@ -23,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amalgam.data.datasets import to_float
+from amalgam.engine.augment import AugmentTerm
 from amalgam.engine.features import FeatureTerm, feature_loss, student_capture
 
 Loss = Literal["mse", "kd", "ce"]
@@ -70,6 +75,7 @@ def train_end_to_end(
     epoch_end: Callable[[int, float], None] | None = None,
     freeze_batchnorm: bool = False,
     features: FeatureTerm | None = None,
+    augment: AugmentTerm | None = None,
 ) -> list[float]:
     """Train ``model`` (images in [0, 1] -> logits) on uint8 ``images`` against ``targets``.
 
@@ -90,16 +96,23 @@ def train_end_to_end(
         bar = tqdm(range(0, len(order), batch_size), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
         for i in bar:
             idx = order[i : i + batch_size]
+            x, aug_codes = to_float(images[idx]), None
+            if augment is not None:  # consistent views: the target is recomputed on the image the student sees
+                x = augment.view(x)
+                target, aug_codes = augment.teachers(x)
+            else:
+                target = targets[idx]
             if capture is None:
-                out = model(to_float(images[idx]))
-                l = distill_loss(out, targets[idx], loss, temperature)
+                out = model(x)
+                l = distill_loss(out, target, loss, temperature)
             else:
                 with capture:
-                    out, taps = capture.run(model, to_float(images[idx]))
-                with torch.no_grad():
-                    codes = features.codes(idx)
-                fl = feature_loss(taps, codes, features.targets)
-                l = distill_loss(out, targets[idx], loss, temperature) + features.weight * fl
+                    out, taps = capture.run(model, x)
+                if aug_codes is None:
+                    with torch.no_grad():
+                        aug_codes = features.codes(idx)
+                fl = feature_loss(taps, aug_codes, features.targets)
+                l = distill_loss(out, target, loss, temperature) + features.weight * fl
                 feat_total += fl.item()
             opt.zero_grad(set_to_none=True)
             l.backward()

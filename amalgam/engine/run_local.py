@@ -29,7 +29,8 @@ from amalgam.data.datasets import to_float
 from amalgam.data.pool import Pool, build_pool
 from amalgam.engine.amalgamate import LinearCodec, SGDCodecTrainer, TapStats, fit_ifa, fit_pca
 from amalgam.engine.calibrate import Calibration, fit_calibration
-from amalgam.engine.capture import capture_teachers
+from amalgam.engine.augment import AugmentTerm
+from amalgam.engine.capture import capture_teachers, frozen
 from amalgam.engine.evaluate import (
     Concat,
     Metrics,
@@ -195,28 +196,74 @@ class OnlineSource:
 
         return counted
 
+    def joint_teachers(self, codecs: dict[str, LinearCodec] | None = None
+                       ) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """The teachers inside the joint step: float images in [0, 1] -> (concatenated raw logits,
+        compact codes of the ``codecs``' taps; ``{}`` without codecs). Teachers eval, no_grad."""
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            self.teacher_forwards += len(x) * len(self.teachers)
+            out, feats = capture_teachers(self.teachers, x)
+            with torch.no_grad():
+                codes = {tap: c.encode(torch.cat([f[tap] for f in feats], 1)) for tap, c in (codecs or {}).items()}
+            return torch.cat(out, 1), codes
+
+        return run
+
     def joint_codes(self, codecs: dict[str, LinearCodec]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
         """Compact codes of pool rows for the joint stage's feature terms (teachers run on them)."""
-
-        def codes(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-            self.teacher_forwards += len(rows) * len(self.teachers)
-            _, feats = capture_teachers(self.teachers, to_float(self.pool.images[rows]))
-            with torch.no_grad():
-                return {tap: c.encode(torch.cat([f[tap] for f in feats], 1)) for tap, c in codecs.items()}
-
-        return codes
+        run = self.joint_teachers(codecs)
+        return lambda rows: run(to_float(self.pool.images[rows]))[1]
 
 
 def check_feature_source(job: Job, source) -> None:
-    """Refuse ``joint.feature_weight > 0`` where the source cannot give the joint stage each sample's codes.
+    """Refuse ``joint.feature_weight > 0`` or ``joint.augment`` where the source cannot run the
+    teachers inside the joint step.
 
     The store path's joint stage (Ray Train DDP) streams images only: reading every sample's
     codes there (~100 KB a row at stored widths for mnist-fashion-4, vs ~1 KB for the image)
-    is not wired yet. Refused before any extraction, rather than silently ignored."""
+    is not wired yet, nor are teachers (and the gate) in its workers for function matching.
+    Refused before any extraction, rather than silently ignored."""
+    where = getattr(source, "name", type(source).__name__)
     if job.joint.feature_weight > 0 and job.joint.epochs and not hasattr(source, "joint_codes"):
         raise AmalgamError(f"job {job.name}: field joint.feature_weight: the feature terms are not wired into the "
-                           f"{getattr(source, 'name', type(source).__name__)} joint stage; run it with --local "
-                           "or set it to 0")
+                           f"{where} joint stage; run it with --local or set it to 0")
+    if job.joint.augment is not None and job.joint.epochs and not hasattr(source, "joint_teachers"):
+        raise AmalgamError(f"job {job.name}: field joint.augment: function matching (teachers re-run on each "
+                           f"augmented view) is not wired into the {where} joint stage; run it with --local or remove it")
+
+
+def target_from_teachers(job: Job, raw_logits: torch.Tensor, calib: Calibration, space: ClassSpace,
+                         gate_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The joint target from the teachers' concatenated raw logits (and, for ``gated``, the gate's
+    logits) on the same images: what :func:`joint_targets` gives on the pool, for any images."""
+    calibrated = calib(raw_logits)
+    if job.joint.target == "gated":
+        return gated_targets(gate_logits, calibrated, space)
+    return ungated_target(job, raw_logits, calibrated, space)
+
+
+def ungated_target(job: Job, raw_logits: torch.Tensor, calibrated: torch.Tensor, space: ClassSpace) -> torch.Tensor:
+    """Raw logits for the paper's mse with no calibration, else the calibrated ones, in the student's classes."""
+    return space.to_union(raw_logits if job.joint.loss == "mse" and job.calibration == "none" else calibrated)
+
+
+def augment_term(job: Job, source, calib: Calibration, space: ClassSpace, gate: DeployedStudent | None,
+                 codecs: dict[str, LinearCodec] | None = None) -> AugmentTerm:
+    """Function matching for the joint stage: teachers (and gate) re-run on each augmented view,
+    with the calibration fitted on the clean pool (``codecs``: also the views' compact codes)."""
+    teachers = source.joint_teachers(codecs)
+
+    def targets(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raw, codes = teachers(x)
+        gate_logits = None
+        if gate is not None:
+            with frozen(gate):
+                gate_logits = gate(x)
+        return target_from_teachers(job, raw, calib, space, gate_logits), codes
+
+    aug = job.joint.augment
+    return AugmentTerm(aug.shift, aug.mixup, targets, job.seed)
 
 
 def joint_targets(job: Job, images: torch.Tensor, raw_logits: torch.Tensor, calibrated: torch.Tensor,
@@ -234,7 +281,7 @@ def joint_targets(job: Job, images: torch.Tensor, raw_logits: torch.Tensor, cali
         gate = fit_gate(images[rows], calibrated[rows], space.blocks, input_spec, job.joint.gate.epochs,
                         job.joint.gate.keep, job.joint.lr, job.seed, log)
         return gate_and_target(gate, images, calibrated, space), gate
-    return space.to_union(raw_logits if job.joint.loss == "mse" and job.calibration == "none" else calibrated), None
+    return ungated_target(job, raw_logits, calibrated, space), None
 
 
 @dataclass
@@ -372,6 +419,9 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
                                feature_targets(skeleton.unit_names, {n: net.fam for n, net in nets.items()}, codecs,
                                                tp.stats),
                                source.joint_codes(codecs))
+    augment = None
+    if job.joint.augment is not None and job.joint.epochs:
+        augment = augment_term(job, source, calib, space, gate, codecs if features is not None else None)
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
             joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end)
@@ -380,6 +430,7 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
                 student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
                 job.joint.batch_size, job.joint.temperature, job.seed, "joint", log, freeze_batchnorm=True,
                 epoch_end=(lambda e, loss: epoch_end("joint", e, loss)) if epoch_end else None, features=features,
+                augment=augment,
             ) if job.joint.epochs else []
     evaluate_phase = phase("evaluate")
     evaluate_phase.__enter__()

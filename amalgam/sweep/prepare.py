@@ -91,6 +91,11 @@ def prepare(job: Job, address: str | None, log: Log = print) -> SweepSetup:
 
         raise AmalgamError(f"job {job.name}: field joint.feature_weight: a sweep trains from the store, where the "
                            "joint stage has no feature terms yet; set it to 0 (or run the job with --local)")
+    if job.joint.augment is not None and job.joint.epochs:
+        from amalgam.errors import AmalgamError
+
+        raise AmalgamError(f"job {job.name}: field joint.augment: a sweep trains from the store, where the joint "
+                           "stage has no teachers to re-run on augmented views; remove it (or run the job with --local)")
     before = counters.snapshot()
     manifest, teachers = load_zoo(job.zoo_path())
     space = manifest.class_space()
