@@ -190,7 +190,10 @@ S3_JOB = {
     "zoo": "zoo/zoo.yaml",
     "pool": {"sources": [{"dataset": "mnist", "count": 1500}]},
     "amalgamation": {"widths": {"default": 0.4}},
-    "stages": {"epochs": 3, "lr": 0.01, "workers": 2, "fail_at": {"rank": 0, "epoch": 2, "marker": "killed"}},
+    # Whole stages per rank: the Ray / local spread below was measured with them (row-parallel
+    # stages, checked across worker loss in tests/robustness/test_driver_loss.py, batch differently).
+    "stages": {"epochs": 3, "lr": 0.01, "workers": 2, "parallel": "stages",
+               "fail_at": {"rank": 0, "epoch": 2, "marker": "killed"}},
     "joint": {"epochs": 4, "workers": 2},
     "baselines": {"kd": False, "supervised": False},
     "evaluation": {"test": {"sources": [{"dataset": "mnist", "split": "test", "count": 1000}]}, "latency": False},
