@@ -121,13 +121,20 @@ GpuCount = Annotated[Union[float, Literal["auto"]], BeforeValidator(_gpu_count)]
 GPUS_PER_WORKER = "GPUs per Ray Train worker (0: CPU only); auto: use the cluster's GPUs when it has any"
 
 
+#: How stage workers share the stages: ``stages`` = each owns whole stages (no communication);
+#: ``rows`` = every worker fits every stage on its share of the pool's rows, gradients
+#: all-reduced each step (one global batch, split); ``auto`` = whichever the cost model says
+#: finishes first (``amalgam.distributed.train_stages.plan_stages``).
+StageParallel = Literal["auto", "stages", "rows"]
+
+
 class Stages(_Strict):
     epochs: int = Field(3, ge=1)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(128, ge=1)
     closed_form_first: bool = Field(True, description="solve stage 1 by least squares (exact optimum)")
     workers: int = Field(2, ge=1, description="Ray Train workers fitting stages in parallel")
-    parallel: Literal["auto", "stages", "rows"] = Field(
+    parallel: StageParallel = Field(
         "auto", description="stages: each worker owns whole stages; rows: every worker fits every stage on its "
                             "share of the pool, gradients all-reduced; auto: the cheaper by the cost model "
                             "(distributed/train_stages.py plan_stages)")

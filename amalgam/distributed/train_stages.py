@@ -21,7 +21,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -38,6 +37,7 @@ from amalgam.engine.stages import (
     stage_input,
 )
 from amalgam.engine.student import build_student
+from amalgam.job import StageParallel
 from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault, use_worker_cpus
 from amalgam.zoo.arch import config_from_dict
 from amalgam.zoo.manifest import InputSpec, Normalize
@@ -66,15 +66,10 @@ CLOSED_FORM_MACS_FACTOR = 40.0
 EXHAUSTIVE_LIMIT = 50_000
 IMAGE = "image"  # the read item of a stage whose input is the image
 #: One parameter byte all-reduced (gloo, loopback, 2 ranks) in MACs: 1.4 MB took 0.73 ms here
-#: (0.52 ns/B, /tmp/rt/ar.py), vs 0.024 ns a MAC. Paid once per global step by ranks fitting
-#: stages data-parallel; on the demo 0.3 % of the work.
+#: (0.52 ns/B; two bare processes all-reducing 300 times, the other rank idle), vs 0.024 ns a
+#: MAC. Paid once per global step by ranks fitting stages data-parallel; on the demo 0.3 % of
+#: the work.
 ALLREDUCE_MACS_PER_BYTE = 22.0
-
-#: How ranks share the stages: ``stages`` = each rank owns whole stages (no communication);
-#: ``rows`` = every rank fits every stage on its share of the pool's shards, gradients
-#: all-reduced each step (one global batch, split); ``auto`` = whichever the cost model
-#: says finishes first.
-Parallel = Literal["auto", "stages", "rows"]
 
 
 def activation_elements(net: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -225,7 +220,7 @@ class StagePlan:
 
 
 def plan_stages(costs: dict[str, float], workers: int, reads: dict[str, set[str]], read_costs: dict[str, float],
-                shard_rows: list[int], parallel: Parallel = "auto", param_bytes: float = 0.0,
+                shard_rows: list[int], parallel: StageParallel = "auto", param_bytes: float = 0.0,
                 batch_size: int = 128, epochs: int = 1) -> StagePlan:
     """The cheaper of owning whole stages per rank and fitting them all data-parallel.
 
