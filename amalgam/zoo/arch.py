@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 from torch import nn
 
 from amalgam.zoo.taps import TapInfo, TapKind  # noqa: F401  (re-exported)
+from amalgam.zoo.units import TappedUnits
 
 class CNNConfig(BaseModel):
     """Architecture arguments of :class:`TappedCNN` (stored in the zoo manifest)."""
@@ -94,7 +95,7 @@ class Pre(nn.Module):
         return self.flatten(self.pool(self.act(x)))
 
 
-class TappedCNN(nn.Module):
+class TappedCNN(TappedUnits):
     """conv(3x3, pad 1) -> [relu, maxpool2] -> conv ... -> flatten -> fc ... -> logits.
 
     Unit names are ``conv1..convN``, ``fc1..fcM``, ``head``; taps are ``layers.<name>``.
@@ -136,31 +137,16 @@ class TappedCNN(nn.Module):
             kinds.append("fc")
             strides.append(0)
             fc_in = w
-        self.unit_names: list[str] = names
-        self.pres = nn.ModuleDict(dict(zip(names, pres)))
-        self.layers = nn.ModuleDict(dict(zip(names, layers)))
+        self.set_units(names, pres, layers, kinds, strides)
         if deep:  # absent at depth 1: the state dict is the one of before
             self.deep = nn.ModuleDict(deep)
-        self._kinds = kinds
-        self._strides = strides
         self.flat_spatial = size * size  # positions per channel entering the first FC layer
-
-    def feature_info(self) -> list[TapInfo]:
-        return [
-            TapInfo(n, f"layers.{n}", k, self.config.widths()[i], s)
-            for i, (n, k, s) in enumerate(zip(self.unit_names, self._kinds, self._strides))
-        ]
 
     def forward_unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
         x = self.pres[name](x)
         if self.config.depth > 1 and name in self.deep:
             x = self.deep[name](x)
         return self.layers[name](x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for n in self.unit_names:
-            x = self.forward_unit(n, x)
-        return x
 
 
 # --- the architecture registry ----------------------------------------------------------------

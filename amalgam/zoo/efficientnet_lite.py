@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from amalgam.zoo.resnet import ConvBNUnit, fold_affine_into_conv_bn
-from amalgam.zoo.taps import TapInfo
+from amalgam.zoo.units import TappedUnits
 
 # Lite0's block table (efficientnet_lite_builder.py): r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24,
 # r2_k5_s22_e6_i24_o40, r3_k3_s22_e6_i40_o80, r3_k5_s11_e6_i80_o112, r4_k5_s22_e6_i112_o192,
@@ -304,7 +304,7 @@ class Head(nn.Module):
         return self.dropout(self.flatten(self.pool(self.act(x))))
 
 
-class TappedEfficientNetLite(nn.Module):
+class TappedEfficientNetLite(TappedUnits):
     """EfficientNet-Lite as ``stem, stage1..stage7, conv_head, head`` units (module docstring: the taps)."""
 
     def __init__(self, config: EfficientNetLiteConfig):
@@ -337,24 +337,7 @@ class TappedEfficientNetLite(nn.Module):
         layers.append(nn.Linear(c.head_width, c.num_classes))
         kinds.append("fc")
         strides.append(0)
-        self.unit_names: list[str] = names
-        self.pres = nn.ModuleDict(dict(zip(names, pres)))
-        self.layers = nn.ModuleDict(dict(zip(names, layers)))
-        self._kinds, self._strides = kinds, strides
-
-    def feature_info(self) -> list[TapInfo]:
-        return [
-            TapInfo(n, f"layers.{n}", k, w, s)
-            for n, k, s, w in zip(self.unit_names, self._kinds, self._strides, self.config.widths())
-        ]
-
-    def forward_unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[name](self.pres[name](x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for n in self.unit_names:
-            x = self.forward_unit(n, x)
-        return x
+        self.set_units(names, pres, layers, kinds, strides)
 
 
 # --- the reference package's weights -----------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from amalgam.zoo.taps import TapInfo
+from amalgam.zoo.units import TappedUnits
 
 
 class ResNetConfig(BaseModel):
@@ -228,7 +228,7 @@ class StagePre(nn.Module):
         return self.pool(self.act(x))
 
 
-class TappedResNet(nn.Module):
+class TappedResNet(TappedUnits):
     """ResNet as ``stem, layer1..layerN, head`` units (see the module docstring for the taps)."""
 
     def __init__(self, config: ResNetConfig):
@@ -260,24 +260,7 @@ class TappedResNet(nn.Module):
         layers.append(nn.Linear(cin, c.num_classes))
         kinds.append("fc")
         strides.append(0)
-        self.unit_names: list[str] = names
-        self.pres = nn.ModuleDict(dict(zip(names, pres)))
-        self.layers = nn.ModuleDict(dict(zip(names, layers)))
-        self._kinds, self._strides = kinds, strides
-
-    def feature_info(self) -> list[TapInfo]:
-        return [
-            TapInfo(n, f"layers.{n}", k, w, s)
-            for n, k, s, w in zip(self.unit_names, self._kinds, self._strides, self.config.widths())
-        ]
-
-    def forward_unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[name](self.pres[name](x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for n in self.unit_names:
-            x = self.forward_unit(n, x)
-        return x
+        self.set_units(names, pres, layers, kinds, strides)
 
 
 # --- exact folding ------------------------------------------------------------------------
