@@ -27,6 +27,7 @@ from amalgam.data.fetch import sha256_file
 from amalgam.errors import AmalgamError, validation_line
 from amalgam.zoo.arch import build_model
 from amalgam.zoo.manifest import InputSpec, Normalize, save_weights
+from amalgam.zoo.units import state_mismatch
 
 STUDENT_VERSION = 1
 STUDENT_JSON = "student.json"
@@ -204,18 +205,9 @@ def load_student(path: Path | str) -> tuple[nn.Module, list[str], InputSpec]:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AmalgamError(f"{weights}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
-    expected = net.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise AmalgamError(f"{weights}: tensor {key} missing")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise AmalgamError(
-                f"{weights}: tensor {key} has shape {tuple(state[key].shape)}, "
-                f"{json_path.name} arch_args expect {tuple(tensor.shape)}"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise AmalgamError(f"{weights}: unexpected tensor {extra[0]}")
+    bad = state_mismatch(net.state_dict(), state)
+    if bad:
+        raise AmalgamError(f"{weights}: " + bad.message(expects=f"{json_path.name} arch_args expect"))
     net.load_state_dict(state)
     return DeployedStudent(net, m.input).eval(), list(m.classes), m.input
 

@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from amalgam.zoo.resnet import ConvBNUnit, fold_affine_into_conv_bn
-from amalgam.zoo.units import TappedUnits
+from amalgam.zoo.units import TappedUnits, state_mismatch
 
 # Lite0's block table (efficientnet_lite_builder.py): r1_k3_s11_e1_i32_o16, r2_k3_s22_e6_i16_o24,
 # r2_k5_s22_e6_i24_o40, r3_k3_s22_e6_i40_o80, r3_k5_s11_e6_i80_o112, r4_k5_s22_e6_i112_o192,
@@ -394,16 +394,9 @@ def load_matching_state(net: nn.Module, state: dict[str, torch.Tensor], skip: tu
     """
     expected = {k: v for k, v in net.state_dict().items() if not k.startswith(skip)}
     given = {k: v for k, v in state.items() if not k.startswith(skip)}
-    for key, tensor in expected.items():
-        if key not in given:
-            raise ValueError(f"{what}: tensor {key} missing")
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{what}: tensor {key} has shape {tuple(given[key].shape)}, architecture expects {tuple(tensor.shape)}"
-            )
-    extra = sorted(set(given) - set(expected))
-    if extra:
-        raise ValueError(f"{what}: unexpected tensor {extra[0]}")
+    bad = state_mismatch(expected, given)
+    if bad:
+        raise ValueError(f"{what}: " + bad.message())
     net.load_state_dict(given, strict=not skip)
 
 

@@ -22,6 +22,7 @@ from amalgam.classes import ClassSpace
 from amalgam.data.fetch import sha256_file
 from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
 from amalgam.zoo.arch import TapInfo, TappedCNN, build_model
+from amalgam.zoo.units import state_mismatch
 
 MANIFEST_VERSION = 1
 
@@ -210,17 +211,9 @@ def load_teacher(entry: TeacherEntry, base_dir: Path | str) -> Teacher:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AmalgamError(f"teacher {entry.name}: {path.name} is not a valid safetensors file ({str(exc).splitlines()[0]})") from None
-    expected = net.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise AmalgamError(f"teacher {entry.name}: tensor {key} missing from {path.name}")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise AmalgamError(
-                f"teacher {entry.name}: tensor {key} has shape {tuple(state[key].shape)}, architecture expects {tuple(tensor.shape)}"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise AmalgamError(f"teacher {entry.name}: unexpected tensor {extra[0]} in {path.name}")
+    bad = state_mismatch(net.state_dict(), state)
+    if bad:
+        raise AmalgamError(f"teacher {entry.name}: " + bad.message(file=path.name))
     net.load_state_dict(state)
     return Teacher(entry, net)
 

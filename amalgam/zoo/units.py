@@ -9,6 +9,10 @@ each architecture builds its units and hands them to :meth:`TappedUnits.set_unit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -42,3 +46,33 @@ class TappedUnits(nn.Module):
         for n in self.unit_names:
             x = self.forward_unit(n, x)
         return x
+
+
+@dataclass(frozen=True)
+class StateMismatch:
+    """The first way a state dict fails to fit a network (untrusted weights are checked before loading)."""
+
+    kind: Literal["missing", "shape", "unexpected"]
+    key: str
+    got: tuple[int, ...] | None = None
+    want: tuple[int, ...] | None = None
+
+    def message(self, file: str | None = None, expects: str = "architecture expects") -> str:
+        """One line; ``file`` names where the tensors come from, ``expects`` who expects the shape."""
+        if self.kind == "missing":
+            return f"tensor {self.key} missing" + (f" from {file}" if file else "")
+        if self.kind == "shape":
+            return f"tensor {self.key} has shape {self.got}, {expects} {self.want}"
+        return f"unexpected tensor {self.key}" + (f" in {file}" if file else "")
+
+
+def state_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> StateMismatch | None:
+    """The first tensor of ``expected`` missing from ``given`` or of another shape, else the first
+    extra one of ``given``; None when every key and shape agree."""
+    for key, tensor in expected.items():
+        if key not in given:
+            return StateMismatch("missing", key)
+        if tuple(given[key].shape) != tuple(tensor.shape):
+            return StateMismatch("shape", key, tuple(given[key].shape), tuple(tensor.shape))
+    extra = sorted(set(given) - set(expected))
+    return StateMismatch("unexpected", extra[0]) if extra else None
