@@ -221,9 +221,12 @@ class StoreSource:
         bytes_per_sample = {name.removeprefix("code."): _row_bytes(c.shape, c.dtype) for name, c in stored.items()
                             if name.startswith("code.")}
         bytes_per_sample[IMAGE] = _row_bytes(stored["image"].shape, stored["image"].dtype)
-        reads, read_costs = stage_reads(specs, closed_form_stage(specs, nets, st.closed_form_first),
-                                        bytes_per_sample, st.epochs)
-        param_bytes = 4.0 * sum(p.numel() for n, net in nets.items() if n in costs for p in net.parameters())
+        first = closed_form_stage(specs, nets, st.closed_form_first)
+        reads, read_costs = stage_reads(specs, first, bytes_per_sample, st.epochs)
+        # What a row-parallel step all-reduces: the SGD stages' gradients (the closed-form stage's
+        # normal equations are reduced once, at the end of epoch 0).
+        param_bytes = 4.0 * sum(p.numel() for n, net in nets.items()
+                                if n in costs and (first is None or n != first.name) for p in net.parameters())
         plan = plan_stages(costs, st.workers, reads, read_costs, [sh.rows for sh in self.codes.manifest.shards],
                            st.parallel, param_bytes, st.batch_size, st.epochs)
         workers = plan.workers
@@ -232,7 +235,9 @@ class StoreSource:
             widths=widths, target_var=target_var, head_targets=head_targets, store_uri=self.job.store_uri(),
             s3=self.job.store.s3.model_dump(), codes_key=self.codes.key, epochs=st.epochs, steps_per_epoch=steps,
             lr=st.lr, batch_size=st.batch_size, seed=self.job.seed, closed_form_first=st.closed_form_first,
-            assignment=plan.assignment, groups=plan.groups, rows=plan.rows, batch_sizes=plan.batch_sizes, rank_costs=plan.loads, initial={n: net.state_dict() for n, net in nets.items()}, threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
+            assignment=plan.assignment, groups=plan.groups, rows=plan.rows, batch_sizes=plan.batch_sizes,
+            rank_costs=plan.loads, initial={n: net.state_dict() for n, net in nets.items()},
+            threads=max(1, int(st.cpus_per_worker)), fail_at=st.fail_at.resolved(run_dir) if st.fail_at else None,
         )
         with EpochProgress("stages", epoch_end) as progress:
             states, curves = fit_stages_on_ray(job, self.train_storage(run_dir), workers, st.cpus_per_worker,

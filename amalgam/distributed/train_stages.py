@@ -10,7 +10,9 @@ Fault tolerance: after every epoch each rank writes its stages' full training st
 (weights, optimiser, schedule, loss curve) into a rank-named file and all ranks report the
 same checkpoint. With ``FailureConfig(max_failures=...)`` a dead worker makes Ray Train
 restart the group, and every rank resumes its stages from the last checkpoint instead of
-starting over. Every rank reports once per epoch, as Ray Train V2 expects.
+starting over. Every rank reports once per epoch, as Ray Train V2 expects. Ranks fitting the
+same stages row-parallel hold identical states: the group's first rank writes them, the
+others only their epoch and timings, and they restore from the first rank's file.
 """
 
 from __future__ import annotations
@@ -325,13 +327,16 @@ def stage_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / _ckpt_file(rank), weights_only=True, map_location="cpu")
+            own = torch.load(Path(d) / _ckpt_file(rank), weights_only=True, map_location="cpu")
+            # A row-parallel group's stages are identical on all its ranks: its first rank saved them.
+            state = own if rank == group[0] else torch.load(Path(d) / _ckpt_file(group[0]), weights_only=True,
+                                                            map_location="cpu")
         for name, st in state["fitters"].items():
             fitters[name].load_state_dict(st)
         if first is not None and "first" in state:
             nets[first.name].load_state_dict(state["first"])
-        start_epoch = resumed = state["epoch"] + 1
-        times = state.get("times", times)
+        start_epoch = resumed = own["epoch"] + 1
+        times = own.get("times", times)
         print(f"[stages] rank {rank}: restored {sorted(mine)} from checkpoint after epoch {start_epoch}")
     # Read only what each epoch uses: the closed-form stage's image and target in epoch 0 only,
     # the SGD stages' taps every epoch (a rank left with only the closed form reads nothing after).
@@ -395,9 +400,11 @@ def stage_worker(config: dict) -> None:
                   f"read {read_s:.1f}s, compute {step_s:.1f}s" + (f" incl. sync {sync[0]:.1f}s" if len(group) > 1 else "")
                   + "): "
                   + (", ".join(f"{k} {v:.4f}" for k, v in losses.items()) or f"{first.name} closed form"))
-        state = {"epoch": epoch, "fitters": {n: f.state_dict() for n, f in fitters.items()}, "times": times}
-        if first is not None:
-            state["first"] = nets[first.name].state_dict()
+        state = {"epoch": epoch, "times": times}
+        if rank == group[0]:  # the others of a row-parallel group hold the very same stages: saved once
+            state["fitters"] = {n: f.state_dict() for n, f in fitters.items()}
+            if first is not None:
+                state["first"] = nets[first.name].state_dict()
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / _ckpt_file(rank))
             # A row-parallel group's ranks hold the same losses: its first rank reports them.
@@ -504,7 +511,7 @@ def fit_stages_on_ray(job: StageJob, storage: TrainStorage, workers: int, cpus_p
                 t = state["times"]
                 sync = f" incl. sync {t['sync']:.1f}s" if t.get("sync") else ""
                 timing.append(f"rank {rank} {t['loop']:.1f}s (read {t['read']:.1f}s, compute {t['compute']:.1f}s{sync})")
-            for name, st in state["fitters"].items():
+            for name, st in state.get("fitters", {}).items():
                 states[name] = st["net"]
                 curves[name] = st["curve"]
             if "first" in state:
