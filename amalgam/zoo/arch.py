@@ -151,9 +151,8 @@ class TappedCNN(TappedUnits):
 
 # --- the architecture registry ----------------------------------------------------------------
 # A manifest or student file names an architecture and its arguments; these map them to a
-# config class and a network class. Every network exposes the same tapped-unit interface
-# (``unit_names``, ``pres``, ``layers``, ``feature_info()``, ``forward_unit``, ``config``), which is all
-# the engine's stages, FAMs and fold rely on.
+# config class and a network class. Every network is a ``TappedUnits`` (amalgam/zoo/units.py):
+# the tapped-unit interface the engine's stages, FAMs and fold rely on, and nothing more.
 
 
 def _registry() -> dict[str, tuple[type, type]]:
