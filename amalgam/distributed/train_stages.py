@@ -1,10 +1,12 @@
 """Layer-wise stages in parallel on Ray Train.
 
 The engine's stages are independent (each maps the teachers' frozen code of one tap to the
-next tap's code), so one TorchTrainer runs them side by side: every worker owns a subset of
-stages (balanced by cost), reads only the taps its stages need from the store, and steps
-them with the engine's own :class:`~amalgam.engine.stages.StageFitter`. There is no
-gradient synchronisation: different ranks fit different models.
+next tap's code), so one TorchTrainer runs them side by side, planned by :func:`plan_stages`
+(``stages.parallel``): either every worker owns a subset of whole stages (balanced by cost),
+reads only the taps its stages need and needs no gradient synchronisation, or every worker
+fits every stage on its share of the pool's rows and the gradients are all-reduced once a
+step (:func:`group_step`, exactly the global batch's gradient). Either way the stepping is the
+engine's own :class:`~amalgam.engine.stages.StageFitter`.
 
 Fault tolerance: after every epoch each rank writes its stages' full training state
 (weights, optimiser, schedule, loss curve) into a rank-named file and all ranks report the

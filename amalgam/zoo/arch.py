@@ -26,6 +26,7 @@ from torch import nn
 from amalgam.zoo.taps import TapInfo, TapKind  # noqa: F401  (re-exported)
 from amalgam.zoo.units import TappedUnits
 
+
 class CNNConfig(BaseModel):
     """Architecture arguments of :class:`TappedCNN` (stored in the zoo manifest)."""
 
