@@ -158,11 +158,15 @@ def save_student(
 
 
 def student_json_path(path: Path | str) -> Path:
-    """Take a run directory or a ``student.json`` and return the manifest path."""
+    """Take a run directory, a ``student.json`` or the weights file beside it and return the manifest path.
+
+    The weights file is what people point at first; it resolves to its manifest (``student.json``
+    next to it) rather than failing as "malformed JSON"."""
     path = Path(path)
     if not path.exists():
         raise AmalgamError(f"{path}: no such run directory or student manifest")
-    json_path = path / STUDENT_JSON if path.is_dir() else path
+    json_path = path / STUDENT_JSON if path.is_dir() else (
+        path.with_name(STUDENT_JSON) if path.suffix == ".safetensors" else path)
     if not json_path.is_file():
         raise AmalgamError(f"{json_path}: student manifest not found")
     return json_path

@@ -45,6 +45,9 @@ def test_round_trip_outputs_equal(run_dir: Path):
         assert torch.equal(student(x), original((x - 0.5) / 0.25))
     # the json path works as well as the directory, and provenance is kept
     assert load_student(run_dir / STUDENT_JSON)[1] == CLASSES
+    # so does the weights file (resolved to the manifest beside it, not parsed as JSON)
+    with torch.no_grad():
+        assert torch.equal(load_student(run_dir / STUDENT_WEIGHTS)[0](x), original((x - 0.5) / 0.25))
     raw = json.loads((run_dir / STUDENT_JSON).read_text())
     assert raw["teachers"][1] == {"name": "fashion", "classes": CLASSES[2:]}
     assert raw["metrics"] == {"test_accuracy": 0.5} and raw["job"] == {"zoo": "tiny"}
