@@ -157,6 +157,13 @@ class Augment(_Strict):
                          description="mixup alpha: blend each image with another, weight ~ Beta(alpha, alpha); 0 = off")
 
 
+class Slices(_Strict):
+    """Per-teacher KD inside each teacher's classes (engine/joint.py ``slice_loss``)."""
+
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the term; 0 = off")
+    temperature: float = Field(4.0, gt=0, allow_inf_nan=False, description="temperature inside each teacher's block")
+
+
 class Joint(_Strict):
     epochs: int = Field(5, ge=0)
     target: Literal["calibrated", "gated"] = Field(
@@ -178,6 +185,10 @@ class Joint(_Strict):
     augment: Augment | None = Field(
         None, description="function matching: train on augmented pool images, teachers (and gate) re-run on "
                           "each view (engine/augment.py); off by default. --local only",
+    )
+    slices: Slices | None = Field(
+        None, description="add per-teacher KD inside each teacher's classes, weighted by the target's mass on them "
+                          "(engine/joint.py slice_loss); off by default",
     )
     fail_at: FailAt | None = Field(None, description="test-only fault injection: {rank, epoch, marker}")
 

@@ -121,7 +121,8 @@ def test_ray_stages_match_in_process_stages_and_survive_a_killed_worker(workdir:
     # checkpoint (bit-equality after worker loss: tests/robustness/test_driver_loss.py).
     epoch_ends = _spy_epoch_ends(monkeypatch)
     faulty = {**JOB, "stages": {**JOB["stages"], "fail_at": {"rank": 0, "epoch": 2, "marker": "killed"}},
-              "joint": {"epochs": 3, "workers": 2, "fail_at": {"rank": 1, "epoch": 2, "marker": "joint-killed"}}}
+              "joint": {"epochs": 3, "workers": 2, "fail_at": {"rank": 1, "epoch": 2, "marker": "joint-killed"},
+                        "slices": {"weight": 1.0}}}
     ray_report = _run(workdir, faulty, "ray")
     # The driver's metrics moved epoch by epoch while Ray Train ran (amalgam.distributed.progress):
     # every epoch of every stage once, in order (a restart counts no epoch twice); each stage's
@@ -142,6 +143,8 @@ def test_ray_stages_match_in_process_stages_and_survive_a_killed_worker(workdir:
     assert re.search(r"restored from the checkpoint after epoch [12]\b", text)
     assert (workdir / "ray" / "joint-killed").exists(), "the joint fault was not injected"
     assert "[joint] rank 1: fault injection, worker exits in epoch 3" in text
+    # The DDP workers' loss carries the per-teacher slice term (engine/joint.py joint_loss).
+    assert "[joint] rank 0: loss kd (T 2) + 1 x per-teacher slices (T 4)" in text
     assert re.search(r"\[joint\] rank \d: restored from checkpoint after epoch [12]\b", text)
     acc_ray = _after_stages(ray_report)
     assert acc_ray > 0.5  # 10 classes: far above chance even on this tiny budget

@@ -249,8 +249,9 @@ class StoreSource:
         return curves
 
 
-    def train_joint(self, student, targets: torch.Tensor, run_dir, epoch_end=None) -> list[float]:
-        """The joint stage with DDP on Ray Train; images from the store via Ray Data."""
+    def train_joint(self, student, targets: torch.Tensor, run_dir, epoch_end=None, slices=None) -> list[float]:
+        """The joint stage with DDP on Ray Train; images from the store via Ray Data (``slices``: the
+        engine's per-teacher slice term, or None)."""
         from amalgam.distributed.progress import EpochProgress
         from amalgam.distributed.train_joint import JointJob, train_joint_on_ray
 
@@ -260,6 +261,7 @@ class StoreSource:
             initial=student.state_dict(), targets=targets, num_rows=len(self.pool), loss=jc.loss, epochs=jc.epochs,
             lr=jc.lr, batch_size=jc.batch_size, temperature=jc.temperature, seed=self.job.seed,
             threads=max(1, int(jc.cpus_per_worker)), fail_at=jc.fail_at.resolved(run_dir) if jc.fail_at else None,
+            slices=slices,
         )
         # Materialised before training: on a small cluster the DDP workers hold every CPU, and
         # streaming reads would wait for a CPU forever. Images are ~1 KB a row.

@@ -3,7 +3,7 @@
 Images stream from the store's codes dataset through Ray Data (each worker gets a shard of
 the pool); the targets (calibrated or gated teacher outputs, computed once on the driver
 from the stored logits) are looked up by row index. The loss is the engine's
-:func:`~amalgam.engine.joint.distill_loss`. Rank 0 checkpoints the model and optimiser
+:func:`~amalgam.engine.joint.joint_loss`. Rank 0 checkpoints the model and optimiser
 after every epoch, so a lost worker costs at most one epoch.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from amalgam.engine.joint import distill_loss, set_train_mode
+from amalgam.engine.joint import SliceTerm, describe_loss, joint_loss, set_train_mode
 from amalgam.student_io import DeployedStudent
 from amalgam.distributed.runs import TrainStorage, fit_trainer, inject_fault, use_worker_cpus
 from amalgam.zoo.arch import build_net, config_from_dict
@@ -38,6 +38,7 @@ class JointJob:
     seed: int
     threads: int = 1
     fail_at: dict | None = None  # fault injection for tests: {"rank", "epoch", "marker"}
+    slices: SliceTerm | None = None  # the per-teacher slice term (job field joint.slices)
 
 
 def worker_batch(batch_size: int, world: int) -> int:
@@ -81,6 +82,8 @@ def joint_worker(config: dict) -> None:
         curve = list(state["curve"])
         print(f"[joint] rank {rank}: restored from checkpoint after epoch {start}")
     ddp = ray.train.torch.prepare_model(model)
+    if rank == 0:
+        print(f"[joint] rank 0: loss {describe_loss(job.loss, job.temperature, job.slices)}")
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, job.epochs):
         set_train_mode(ddp, freeze_batchnorm=True)  # the assembled student: keep the folded BN statistics
@@ -91,7 +94,7 @@ def joint_worker(config: dict) -> None:
             inject_fault(job.fail_at, rank, epoch, step, "joint")
             x = batch["image"].float().div_(255.0)
             target = targets[batch["index"].long()]
-            loss = distill_loss(ddp(x), target, job.loss, job.temperature)
+            loss = joint_loss(ddp(x), target, job.loss, job.temperature, job.slices)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -8,6 +8,10 @@ Optionally (``features``, job field ``joint.feature_weight``) the loss adds the
 compact-feature terms: the student's hidden taps against the amalgamated codes, through
 the fold (:mod:`amalgam.engine.features`).
 
+Optionally (``slices``, job field ``joint.slices``) the loss adds per-teacher KD inside each
+teacher's classes, weighted by the target's mass on them (:func:`slice_loss`): the task-aware
+part of the target, taught directly rather than through the tempered mixture.
+
 Optionally (``augment``, job field ``joint.augment``) every batch is an augmented view of
 the pool rows and the target is recomputed on it ("function matching",
 :mod:`amalgam.engine.augment`); ``targets`` is then unused.
@@ -19,6 +23,7 @@ student), so every method gets the same data, student size and budget.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -43,6 +48,74 @@ def distill_loss(student_logits: torch.Tensor, target: torch.Tensor, loss: Loss,
     if loss == "ce":  # target holds class indices (supervised baseline only)
         return F.cross_entropy(student_logits, target)
     raise ValueError(f"unknown joint loss {loss!r}")
+
+
+Group = slice | tuple[int, ...]
+
+
+def as_index(group: Group) -> slice | list[int]:
+    """A teacher's output positions as an index: a slice when they are contiguous (every disjoint zoo)."""
+    if isinstance(group, slice):
+        return group
+    if list(group) == list(range(group[0], group[0] + len(group))):
+        return slice(group[0], group[0] + len(group))
+    return list(group)
+
+
+@dataclass(frozen=True)
+class SliceTerm:
+    """``weight * slice_loss(..., groups, temperature)`` added to the joint loss (job field ``joint.slices``).
+
+    ``groups[i]``: teacher ``i``'s output positions in the student's classes
+    (``ClassSpace.positions``; contiguous blocks unless teachers share classes)."""
+
+    weight: float
+    temperature: float
+    groups: tuple[Group, ...]
+
+
+def slice_loss(student_logits: torch.Tensor, target: torch.Tensor, groups: tuple[Group, ...],
+               temperature: float) -> torch.Tensor:
+    """Per-teacher KD inside each teacher's classes, weighted by the target's mass on them.
+
+    Task-aware accuracy is the argmax inside a teacher's classes, on that teacher's images; the
+    joint KD over all classes teaches it only through the tempered mixture, where a teacher's
+    within-block distribution is scaled by the gate's belief in it. This term matches, per
+    teacher ``k``, ``softmax(target_k / T)`` against ``softmax(student_k / T)`` (shift-invariant:
+    it constrains the ranking inside the block, never the level between blocks, which the main
+    term sets), weighted per image by the target's probability mass on block ``k``, so each
+    teacher teaches mostly its own images. ``target`` is logits or log-probabilities (gated
+    targets): ``log_softmax`` gives the same within-block distributions and masses either way.
+    With shared classes a block's mass counts a shared class for every teacher that knows it.
+    """
+    logp = F.log_softmax(target, 1)
+    t = temperature
+    total = student_logits.new_zeros(())
+    for g in groups:
+        i = as_index(g)
+        mass = logp[:, i].logsumexp(1).exp().detach()
+        kl = F.kl_div(F.log_softmax(student_logits[:, i] / t, 1), F.log_softmax(logp[:, i] / t, 1), log_target=True,
+                      reduction="none").sum(1)
+        total = total + (mass * kl).mean()
+    return total * t * t
+
+
+def joint_loss(student_logits: torch.Tensor, target: torch.Tensor, loss: Loss, temperature: float,
+               slices: SliceTerm | None = None) -> torch.Tensor:
+    """The joint stage's logit loss: :func:`distill_loss`, plus the slice term when asked for
+    (the local path and the Ray Train DDP workers both call this)."""
+    out = distill_loss(student_logits, target, loss, temperature)
+    if slices is not None and slices.weight > 0:
+        out = out + slices.weight * slice_loss(student_logits, target, slices.groups, slices.temperature)
+    return out
+
+
+def describe_loss(loss: Loss, temperature: float, slices: SliceTerm | None = None) -> str:
+    """One line for the logs: which joint loss runs (so a run's log says whether the slice term was on)."""
+    out = f"{loss} (T {temperature:g})" if loss == "kd" else loss
+    if slices is not None and slices.weight > 0:
+        out += f" + {slices.weight:g} x per-teacher slices (T {slices.temperature:g})"
+    return out
 
 
 def set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
@@ -76,11 +149,12 @@ def train_end_to_end(
     freeze_batchnorm: bool = False,
     features: FeatureTerm | None = None,
     augment: AugmentTerm | None = None,
+    slices: SliceTerm | None = None,
 ) -> list[float]:
     """Train ``model`` (images in [0, 1] -> logits) on uint8 ``images`` against ``targets``.
 
     Returns the mean loss per epoch (with ``features``: the distillation loss plus
-    ``features.weight`` times the feature loss). ``epoch_end(epoch, loss)`` lets a caller
+    ``features.weight`` times the feature loss; with ``slices``: plus its term). ``epoch_end(epoch, loss)`` lets a caller
     report (for example to Ray Tune) after every epoch.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +178,7 @@ def train_end_to_end(
                 target = targets[idx]
             if capture is None:
                 out = model(x)
-                l = distill_loss(out, target, loss, temperature)
+                l = joint_loss(out, target, loss, temperature, slices)
             else:
                 with capture:
                     out, taps = capture.run(model, x)
@@ -112,7 +186,7 @@ def train_end_to_end(
                     with torch.no_grad():
                         aug_codes = features.codes(idx)
                 fl = feature_loss(taps, aug_codes, features.targets)
-                l = distill_loss(out, target, loss, temperature) + features.weight * fl
+                l = joint_loss(out, target, loss, temperature, slices) + features.weight * fl
                 feat_total += fl.item()
             opt.zero_grad(set_to_none=True)
             l.backward()

@@ -42,7 +42,7 @@ from amalgam.engine.evaluate import (
 )
 from amalgam.engine.gating import fit_gate, gate_and_target, gated_targets
 from amalgam.engine.features import FeatureTerm, feature_targets
-from amalgam.engine.joint import train_end_to_end
+from amalgam.engine.joint import SliceTerm, describe_loss, train_end_to_end
 from amalgam.engine.report import MethodResult, format_table, write_report
 from amalgam.errors import AmalgamError
 from amalgam.engine.stages import assemble, build_stages, fit_stages, match_output_statistics, stage_specs
@@ -266,6 +266,12 @@ def augment_term(job: Job, source, calib: Calibration, space: ClassSpace, gate: 
     return AugmentTerm(aug.shift, aug.mixup, targets, job.seed)
 
 
+def joint_slices(job: Job, space: ClassSpace) -> SliceTerm | None:
+    """The job's per-teacher slice term (``joint.slices``) over the student's classes, or None."""
+    sl = job.joint.slices
+    return SliceTerm(sl.weight, sl.temperature, space.positions) if sl is not None and sl.weight > 0 else None
+
+
 def joint_targets(job: Job, images: torch.Tensor, raw_logits: torch.Tensor, calibrated: torch.Tensor,
                   space: ClassSpace, input_spec: InputSpec, log: Log = print,
                   fit_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, DeployedStudent | None]:
@@ -422,15 +428,18 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     augment = None
     if job.joint.augment is not None and job.joint.epochs:
         augment = augment_term(job, source, calib, space, gate, codecs if features is not None else None)
+    if job.joint.epochs:
+        log(f"[joint] loss {describe_loss(job.joint.loss, job.joint.temperature, joint_slices(job, space))}")
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
-            joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end)
+            joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end,
+                                             slices=joint_slices(job, space))
         else:
             joint_curve = train_end_to_end(
                 student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
                 job.joint.batch_size, job.joint.temperature, job.seed, "joint", log, freeze_batchnorm=True,
                 epoch_end=(lambda e, loss: epoch_end("joint", e, loss)) if epoch_end else None, features=features,
-                augment=augment,
+                augment=augment, slices=joint_slices(job, space),
             ) if job.joint.epochs else []
     evaluate_phase = phase("evaluate")
     evaluate_phase.__enter__()

@@ -19,6 +19,7 @@ from amalgam.engine import counters
 from amalgam.engine.evaluate import count_macs, count_params, cpu_latency_ms, evaluate_logits, predict_logits
 from amalgam.engine.fidelity import fidelity
 from amalgam.engine.joint import train_end_to_end
+from amalgam.engine.run_local import joint_slices
 from amalgam.engine.stages import assemble, build_stages, fit_stages, match_output_statistics, stage_specs
 from amalgam.engine.student import build_student, student_config
 from amalgam.student_io import DeployedStudent
@@ -97,4 +98,5 @@ def run_trial(config: dict, setup: SweepSetup) -> None:
     else:
         train_end_to_end(student, images[train], setup.joint_targets[train], job.joint.loss, job.joint.epochs,
                          float(config["joint_lr"]), job.joint.batch_size, float(config["temperature"]), seed,
-                         "joint", quiet, epoch_end=lambda e, loss: report(e + 1, loss), freeze_batchnorm=True)
+                         "joint", quiet, epoch_end=lambda e, loss: report(e + 1, loss), freeze_batchnorm=True,
+                         slices=joint_slices(job, setup.space))
