@@ -26,9 +26,9 @@ import torch
 from amalgam.data.pool import build_pool
 from amalgam.engine.calibrate import fit_calibration
 from amalgam.engine.evaluate import evaluate_logits, predict_logits
-from amalgam.engine.joint import SliceTerm, train_end_to_end
-from amalgam.engine.run_local import joint_targets, pool_input_spec, run_local
-from amalgam.job import load_job
+from amalgam.engine.joint import train_end_to_end
+from amalgam.engine.run_local import joint_slices, joint_targets, pool_input_spec, run_local
+from amalgam.job import Slices, load_job
 from amalgam.paths import amalgam_home
 from amalgam.student_io import load_student
 from amalgam.zoo.manifest import load_zoo
@@ -85,17 +85,19 @@ def main() -> None:
         torch.save(raw, cache)
     calibrated = fit_calibration(raw, space.blocks, job.calibration)(raw)
     target, _gate = joint_targets(job, pool.images, raw, calibrated, space, pool_input_spec(pool), log=lambda _m: None)
-    teacher_acc = [evaluate_logits(_in_space(predict_logits(t, test.images), pos, len(space)), labels, space)
-                   .task_aware[t.name] for t, pos in zip(teachers, space.positions)]
+    # The teachers' own-task accuracy, as the stages run scored it (same test set).
+    stage_report = {m["name"]: m["metrics"] for m in json.loads((stages_dir / "report.json").read_text())["methods"]}
     names = [t.name for t in teachers]
+    teacher_acc = [stage_report[f"teacher {n}"]["task_aware"][n] for n in names]
     print(f"[bench] pool {len(pool)}, stages {job.stages.epochs} epochs; teachers "
           + " / ".join(f"{n} {a:.4f}" for n, a in zip(names, teacher_acc)), flush=True)
 
     rows = []
     for v in variants:
         student, _, _ = load_student(stages_dir)
-        w = float(v.get("slices", 0))
-        slices = SliceTerm(w, float(v.get("slice_temperature", 4.0)), space.positions) if w > 0 else None
+        sl = Slices(weight=float(v.get("slices", 0)),
+                    **({"temperature": float(v["slice_temperature"])} if "slice_temperature" in v else {}))
+        slices = joint_slices(job.model_copy(update={"joint": job.joint.model_copy(update={"slices": sl})}), space)
         t0 = time.perf_counter()
         train_end_to_end(student, pool.images, target, job.joint.loss, int(v.get("epochs", joint_epochs)),
                          job.joint.lr, job.joint.batch_size, float(v.get("temperature", job.joint.temperature)),
@@ -115,13 +117,6 @@ def main() -> None:
         print(f"| {json.dumps(r['variant'])} | " + " | ".join(f"{r['task_aware'][n]:.4f}" for n in names)
               + f" | {r['comprehensive']:.4f} |")
     (out / "results.json").write_text(json.dumps({"teachers": dict(zip(names, teacher_acc)), "rows": rows}, indent=1))
-
-
-def _in_space(logits: torch.Tensor, positions: tuple[int, ...], width: int) -> torch.Tensor:
-    """A teacher's logits placed at its positions of the student's classes (-inf elsewhere)."""
-    full = torch.full((len(logits), width), float("-inf"))
-    full[:, list(positions)] = logits
-    return full
 
 
 if __name__ == "__main__":

@@ -428,18 +428,18 @@ def run_local(job: Job, run_dir: Path, log: Log = print, source_factory=None, ph
     augment = None
     if job.joint.augment is not None and job.joint.epochs:
         augment = augment_term(job, source, calib, space, gate, codecs if features is not None else None)
+    slices = joint_slices(job, space)
     if job.joint.epochs:
-        log(f"[joint] loss {describe_loss(job.joint.loss, job.joint.temperature, joint_slices(job, space))}")
+        log(f"[joint] loss {describe_loss(job.joint.loss, job.joint.temperature, slices)}")
     with phase("joint"):
         if job.joint.epochs and hasattr(source, "train_joint"):  # data-parallel elsewhere (Ray Train DDP)
-            joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end,
-                                             slices=joint_slices(job, space))
+            joint_curve = source.train_joint(student, joint_target, run_dir, epoch_end=epoch_end, slices=slices)
         else:
             joint_curve = train_end_to_end(
                 student, pool.images, joint_target, job.joint.loss, job.joint.epochs, job.joint.lr,
                 job.joint.batch_size, job.joint.temperature, job.seed, "joint", log, freeze_batchnorm=True,
                 epoch_end=(lambda e, loss: epoch_end("joint", e, loss)) if epoch_end else None, features=features,
-                augment=augment, slices=joint_slices(job, space),
+                augment=augment, slices=slices,
             ) if job.joint.epochs else []
     evaluate_phase = phase("evaluate")
     evaluate_phase.__enter__()
