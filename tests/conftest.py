@@ -79,3 +79,14 @@ def tiny_zoo(tmp_path: Path) -> Path:
         tmp_path / "zoo",
         [("a", ["mnist/0", "mnist/1", "mnist/2"], [4, 8]), ("b", ["mnist/3", "mnist/4"], [6, 8])],
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tests of many tiny matrix ops: one thread avoids OpenMP overhead on a busy machine and keeps
+    float reductions in one fixed order (golden values). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,13 +23,7 @@ from amalgam.engine.amalgamate import (
 from amalgam.errors import AmalgamError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests run many tiny matrix ops; one thread avoids OpenMP overhead on busy machines.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

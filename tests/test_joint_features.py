@@ -26,12 +26,7 @@ from amalgam.zoo.manifest import InputSpec, TapSpec, Teacher, TeacherEntry
 STUDENT = CNNConfig(conv_widths=[4, 6], fc_widths=[8], num_classes=6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _identity_codec(k: int, kind: str) -> LinearCodec:

@@ -20,12 +20,7 @@ SMALL = ResNetConfig(stem="small", stem_width=6, blocks=[2, 1], stage_widths=[8,
                      image_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_bn(model: nn.Module, gen: torch.Generator) -> None:

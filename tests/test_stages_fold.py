@@ -27,13 +27,7 @@ from amalgam.zoo.manifest import InputSpec, TapSpec, Teacher, TeacherEntry
 CFG = CNNConfig(conv_widths=[4, 6, 5], fc_widths=[8], num_classes=5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small nets: one thread is faster and keeps float reductions in one fixed order.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: nn.Module, gen: torch.Generator, scale: float = 0.5) -> None:
