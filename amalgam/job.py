@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from amalgam.data.pool import PoolSpec
-from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
+from amalgam.errors import AmalgamError, read_yaml_mapping, validate_as
 from amalgam.paths import amalgam_home
 from amalgam.store.location import CREDENTIALS_IN_URI, S3Options, credentials_in_uri
 
@@ -385,10 +385,7 @@ class Job(_Strict):
 def parse_job(raw: object, path: Path) -> Job:
     if not isinstance(raw, dict):
         raise AmalgamError(f"{path}: a job file must be a YAML mapping")
-    try:
-        job = Job.model_validate(raw)
-    except ValidationError as exc:
-        raise AmalgamError(validation_line(path, exc)) from None
+    job = validate_as(Job, raw, path)
     job._base_dir = path.parent.resolve()
     job._path = path
     # Image sources' paths, like the zoo's, are relative to the job file; made absolute here so

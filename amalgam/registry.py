@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from amalgam.errors import AmalgamError, validation_line
+from amalgam.errors import AmalgamError, parse_json_object, validate_as
 from amalgam.store.location import S3Options, StoreLocation, open_store
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -331,17 +331,7 @@ class Registry:
     def _read_model(self, rel: str, model: type[M]) -> M:
         where = self.uri(rel)
         raw = self.loc.read_bytes(f"{self.base}/{rel}")
-        try:
-            obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            line = f" line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-            raise AmalgamError(f"{where}:{line} malformed JSON") from None
-        if not isinstance(obj, dict):
-            raise AmalgamError(f"{where}: must be a JSON object")
-        try:
-            return model.model_validate(obj)
-        except ValidationError as exc:
-            raise AmalgamError(validation_line(where, exc)) from None
+        return validate_as(model, parse_json_object(raw, where, "registry record"), where)
 
     def _write_model(self, rel: str, obj: BaseModel) -> None:
         self.loc.write_bytes(f"{self.base}/{rel}", _dump(obj))

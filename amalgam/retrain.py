@@ -54,9 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from amalgam.errors import AmalgamError, validation_line
+from amalgam.errors import AmalgamError, parse_json_object, validate_as
 from amalgam.job import Job
 from amalgam.registry import Registry, RecordMetrics, StudentRecord, finite_or_none, judge
 
@@ -185,12 +185,8 @@ def read_state(reg: Registry, version: int) -> FeatureState | None:
     rel = f"{reg.base}/versions/{version:06d}/{FEATURES_JSON}"
     if not reg.loc.exists(rel):
         return None
-    try:
-        return FeatureState.model_validate(json.loads(reg.loc.read_bytes(rel)))
-    except json.JSONDecodeError:
-        raise AmalgamError(f"{reg.loc.uri_of(rel)}: malformed JSON") from None
-    except ValidationError as exc:
-        raise AmalgamError(validation_line(reg.loc.uri_of(rel), exc)) from None
+    where = reg.loc.uri_of(rel)
+    return validate_as(FeatureState, parse_json_object(reg.loc.read_bytes(rel), where, "feature state"), where)
 
 
 def write_state(reg: Registry, version: int, state: FeatureState) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from amalgam.data.fetch import sha256_file
-from amalgam.errors import AmalgamError, validation_line
+from amalgam.errors import AmalgamError, parse_json_object, validate_as
 from amalgam.zoo.arch import build_model
 from amalgam.zoo.manifest import InputSpec, Normalize, save_weights
 from amalgam.zoo.units import state_mismatch
@@ -135,20 +135,17 @@ def save_student(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path = run_dir / STUDENT_JSON
-    try:
-        manifest = StudentManifest(
-            arch=type(net.config).arch_name,
-            arch_args=net.config.model_dump(),
-            classes=list(classes),
-            teachers=[{"name": name, "classes": list(cs)} for name, cs in teachers],
-            input=input_spec,
-            weights=STUDENT_WEIGHTS,
-            sha256="0" * 64,  # placeholder: check everything before writing anything
-            metrics=dict(metrics or {}),
-            job=dict(job or {}),
-        )
-    except ValidationError as exc:
-        raise AmalgamError(validation_line(json_path, exc)) from None
+    manifest = validate_as(StudentManifest, dict(
+        arch=type(net.config).arch_name,
+        arch_args=net.config.model_dump(),
+        classes=list(classes),
+        teachers=[{"name": name, "classes": list(cs)} for name, cs in teachers],
+        input=input_spec,
+        weights=STUDENT_WEIGHTS,
+        sha256="0" * 64,  # placeholder: check everything before writing anything
+        metrics=dict(metrics or {}),
+        job=dict(job or {}),
+    ), json_path)
     _check_consistency(json_path, manifest, net)
     manifest = manifest.model_copy(update={"sha256": save_weights(net, run_dir / STUDENT_WEIGHTS)})
     tmp = json_path.with_name(f".{json_path.name}.tmp")
@@ -175,17 +172,8 @@ def student_json_path(path: Path | str) -> Path:
 def read_student_manifest(path: Path | str) -> tuple[StudentManifest, Path]:
     """Parse and validate ``student.json`` (run directory or file); return it with its path."""
     json_path = student_json_path(path)
-    try:
-        raw = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise AmalgamError(f"{json_path}:{where} malformed JSON") from None
-    if not isinstance(raw, dict):
-        raise AmalgamError(f"{json_path}: a student manifest must be a JSON object")
-    try:
-        return StudentManifest.model_validate(raw), json_path
-    except ValidationError as exc:
-        raise AmalgamError(validation_line(json_path, exc)) from None
+    raw = parse_json_object(json_path.read_bytes(), json_path, "student manifest")
+    return validate_as(StudentManifest, raw, json_path), json_path
 
 
 def load_student(path: Path | str) -> tuple[nn.Module, list[str], InputSpec]:

@@ -68,6 +68,22 @@ def test_holdout_split_is_deterministic_and_disjoint():
     assert sorted(train.tolist() + held.tolist()) == list(range(1000))
 
 
+@pytest.mark.parametrize("body, message", [
+    (b'{"version": 1,\n  oops', "line 2 malformed JSON"),
+    (b"[1, 2]", "a feature state must be a JSON object"),
+    (b'{"no": "fields"}', "field "),
+])
+def test_a_damaged_feature_state_is_one_line_naming_its_file(tmp_path, body, message):
+    reg = Registry.open(str(tmp_path / "store"), "line")
+    rel = f"{reg.base}/versions/000001/features.json"
+    reg.loc.write_bytes(rel, body)
+    with pytest.raises(AmalgamError) as exc:
+        read_state(reg, 1)
+    line = str(exc.value)
+    assert "\n" not in line and line.startswith(reg.loc.uri_of(rel) + ":") and message in line
+    assert read_state(reg, 2) is None  # absent: no state, not an error
+
+
 def test_job_retrain_section_is_strict():
     from amalgam.job import Job
 

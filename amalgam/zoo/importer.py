@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from amalgam.classes import ClassSpace
-from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
+from amalgam.errors import AmalgamError, read_yaml_mapping, validate_as
 from amalgam.zoo.manifest import (
     InputSpec,
     TapSpec,
@@ -100,10 +100,7 @@ class ImportSpec(BaseModel):
 def read_import_spec(path: Path | str) -> ImportSpec:
     path = Path(path)
     raw = read_yaml_mapping(path, "zoo import spec")
-    try:
-        spec = ImportSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise AmalgamError(validation_line(path, exc)) from None
+    spec = validate_as(ImportSpec, raw, path)
     names = [t.name for t in spec.teachers]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

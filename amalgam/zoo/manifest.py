@@ -20,7 +20,7 @@ from torch import nn
 
 from amalgam.classes import ClassSpace
 from amalgam.data.fetch import sha256_file
-from amalgam.errors import AmalgamError, read_yaml_mapping, validation_line
+from amalgam.errors import AmalgamError, read_yaml_mapping, validate_as
 from amalgam.zoo.arch import TapInfo, TappedCNN, build_model
 from amalgam.zoo.units import state_mismatch
 
@@ -101,10 +101,7 @@ class ZooManifest(BaseModel):
 def read_manifest(path: Path | str) -> ZooManifest:
     path = Path(path)
     raw = read_yaml_mapping(path, "zoo manifest")
-    try:
-        manifest = ZooManifest.model_validate(raw)
-    except ValidationError as exc:
-        raise AmalgamError(validation_line(path, exc)) from None
+    manifest = validate_as(ZooManifest, raw, path)
     names = [t.name for t in manifest.teachers]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
