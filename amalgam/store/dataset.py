@@ -39,9 +39,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from amalgam.errors import AmalgamError
+from amalgam.errors import AmalgamError, validate_as
 from amalgam.store.location import StoreLocation
 
 FORMAT_VERSION = 1
@@ -259,11 +259,7 @@ class Dataset:
             raise AmalgamError(f"{uri}: manifest is not valid JSON") from None
         if isinstance(raw, dict) and raw.get("version") != FORMAT_VERSION:
             raise AmalgamError(f"{uri}: format version {raw.get('version')}, this amalgam reads {FORMAT_VERSION}")
-        try:
-            manifest = DatasetManifest.model_validate(raw)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise AmalgamError(f"{uri}: field {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        manifest = validate_as(DatasetManifest, raw, uri)
         for s in manifest.shards:  # a manifest may only name files inside its own dataset
             for f in [s.file, *(side_file(s.index, n) for n in s.side_files)]:
                 if f.startswith("/") or ".." in f.split("/") or "://" in f:
